@@ -1,0 +1,125 @@
+"""Loading the diffusion model: a built-in preset, a local diffusers folder, an fsspec URI
+(copied once into a local cache) or a hub id, all through one function."""
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import fsspec
+import torch
+from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from transformers import CLIPTextModel, CLIPTokenizer
+
+from .errors import ModelLoadError
+from .presets import PRESETS, build_preset
+from .storage import atomic_local_dir, is_remote
+
+DEFAULT_MODEL = "stabilityai/stable-diffusion-2-1-base"
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("BREAKSCENE_CACHE", Path.home() / ".cache" / "breakscene"))
+
+
+@dataclass
+class DiffusionModels:
+    unet: UNet2DConditionModel
+    vae: AutoencoderKL
+    text_encoder: CLIPTextModel
+    tokenizer: CLIPTokenizer
+    scheduler: DDPMScheduler
+    model_id: str  # preset name, folder, URI or hub id, as given
+    revision: str | None
+
+    @property
+    def vae_scale(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def native_resolution(self) -> int:
+        return int(self.unet.config.sample_size) * self.vae_scale
+
+    @property
+    def is_preset(self) -> bool:
+        return self.model_id in PRESETS
+
+    def to(self, device: torch.device) -> "DiffusionModels":
+        for module in (self.unet, self.vae, self.text_encoder):
+            module.to(device)
+        return self
+
+    def save_pretrained(self, path: str | Path) -> None:
+        """Write a standard diffusers folder (what ``from_pretrained`` reads back)."""
+        pipeline = StableDiffusionPipeline(
+            vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer, unet=self.unet,
+            scheduler=self.scheduler, safety_checker=None, feature_extractor=None,
+            requires_safety_checker=False,
+        )
+        pipeline.save_pretrained(str(path))
+
+
+def _load_folder(folder: Path, model_id: str, revision: str | None) -> DiffusionModels:
+    missing = [sub for sub in ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+               if not (folder / sub).is_dir()]
+    if missing:
+        raise ModelLoadError(f"model folder {model_id!r} is not a diffusers Stable Diffusion folder: "
+                             f"missing {', '.join(missing)}")
+    return DiffusionModels(
+        unet=UNet2DConditionModel.from_pretrained(folder, subfolder="unet"),
+        vae=AutoencoderKL.from_pretrained(folder, subfolder="vae"),
+        text_encoder=CLIPTextModel.from_pretrained(folder, subfolder="text_encoder"),
+        tokenizer=CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer"),
+        scheduler=DDPMScheduler.from_pretrained(folder, subfolder="scheduler"),
+        model_id=model_id, revision=revision,
+    )
+
+
+def _fetch_uri(uri: str) -> Path:
+    """Copy a remote diffusers folder into the local cache once; later loads reuse it."""
+    key = hashlib.sha256(uri.rstrip("/").encode()).hexdigest()[:16]
+    target = cache_root() / "models" / key
+    if target.is_dir():
+        return target
+    fs, root = fsspec.core.url_to_fs(uri)
+    if not fs.isdir(root):
+        raise ModelLoadError(f"model URI {uri!r} is not a folder that can be read")
+    with atomic_local_dir(target) as tmp:
+        fs.get(root.rstrip("/") + "/", str(tmp), recursive=True)
+    return target
+
+
+def _load_hub(model_id: str, revision: str | None) -> DiffusionModels:
+    from huggingface_hub import snapshot_download
+
+    try:
+        folder = snapshot_download(model_id, revision=revision,
+                                   allow_patterns=["*.json", "*.txt", "*.safetensors", "*.model"])
+    except Exception as exc:  # network errors, unknown repos, offline mode: all one message
+        raise ModelLoadError(
+            f"model {model_id!r} is not a preset ({', '.join(PRESETS)}), not a local folder, and could "
+            f"not be fetched from the hub ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})"
+        ) from None
+    return _load_folder(Path(folder), model_id, revision)
+
+
+def load_models(model: str = DEFAULT_MODEL, revision: str | None = None) -> DiffusionModels:
+    """Load UNet, VAE, text encoder, tokenizer and DDPM scheduler in fp32 on the CPU."""
+    if model in PRESETS:
+        unet, vae, text_encoder, tokenizer, scheduler = build_preset(model)
+        return DiffusionModels(unet, vae, text_encoder, tokenizer, scheduler, model, None)
+    if is_remote(model):
+        return _load_folder(_fetch_uri(model), model, revision)
+    local = Path(model.removeprefix("file://")).expanduser()
+    if local.is_dir():
+        return _load_folder(local, model, revision)
+    if local.suffix or model.startswith((".", "/", "~")) or model.count("/") > 1:
+        raise ModelLoadError(f"model folder {model!r} does not exist")
+    return _load_hub(model, revision)
+
+
+def pick_device(requested: str | None = None) -> torch.device:
+    if requested:
+        return torch.device(requested)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
