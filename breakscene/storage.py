@@ -115,3 +115,9 @@ def fetch_dir(uri: str, local_dir: Path) -> Path:
     local_dir.mkdir(parents=True, exist_ok=True)
     fs.get(root.rstrip("/") + "/", str(local_dir), recursive=True)
     return local_dir
+
+
+def configure(options: dict[str, dict]) -> None:
+    """Default fsspec options per protocol for this process (e.g. an S3 endpoint)."""
+    for protocol, opts in (options or {}).items():
+        fsspec.config.conf.setdefault(protocol, {}).update(opts)

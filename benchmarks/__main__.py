@@ -1,0 +1,201 @@
+"""python -m benchmarks {extract,sam,pipeline,all} [options]
+
+Prints one JSON object and a table. Every speed-up is a ratio against a baseline measured
+in the same run on the same machine. GPU-only rows say so when no GPU is present.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+EXAMPLES = Path(__file__).resolve().parents[1].parent / "shared" / "examples"
+
+
+def machine() -> dict:
+    info = {"python": platform.python_version(), "torch": torch.__version__, "cpus": torch.get_num_threads()}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def _scene():
+    from breakscene.scene import build_scene
+    from pipeline.demo import generated_scene
+
+    if (EXAMPLES / "bear" / "img.jpg").is_file():
+        from breakscene.scene import load_scene_dir
+
+        return load_scene_dir(EXAMPLES / "bear"), "shared/examples/bear"
+    import io
+
+    from PIL import Image
+
+    image, masks = generated_scene(0, 512)
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG")
+    return build_scene(buf.getvalue(), "generated", [(f"m{i}", m) for i, m in enumerate(masks)], 4), "generated"
+
+
+def bench_extract(args) -> dict:
+    from benchmarks.authors_flow import run_authors_flow, step1_parity
+    from breakscene.config import ExtractConfig
+    from breakscene.extractor import Extractor
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    scene, scene_name = _scene()
+    prior = {"num_class_images": args.class_images, "generation_steps": args.class_steps}
+    cfg = ExtractConfig(phase1_steps=args.steps, phase2_steps=args.steps, prior=prior, grid_seeds=0)
+    ex = Extractor(args.model, device=str(device), progress=False)  # "models already loaded"
+    ex.extract(scene, cfg.model_copy(update={"phase1_steps": 2, "phase2_steps": 2}))  # warm-up + class cache
+    rows = {"machine": machine(), "model": args.model, "scene": scene_name, "steps": [args.steps, args.steps],
+            "prior": prior, "ours": {}}
+    for mode in args.modes:
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        with tempfile.TemporaryDirectory() as tmp:
+            start = time.perf_counter()
+            result = ex.extract(scene, cfg.model_copy(update={"phase2_mode": mode}), out=f"{tmp}/bundle")
+            total = time.perf_counter() - start
+        row = {"total_s": round(total, 3), **{k: result.timings.get(k) for k in ("prepare", "phase1", "phase2",
+                                                                                 "diagnostic", "bundle")}}
+        if device.type == "cuda":
+            row["peak_gpu_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        rows["ours"][mode] = row
+    rows["step1_loss"] = step1_parity(ex, scene, cfg)
+    if not args.no_baseline:
+        with tempfile.TemporaryDirectory() as tmp:
+            ex.models.__class__  # noqa: B018 - the loaded models stay resident for "ours"
+            from breakscene.models import load_models
+
+            load_models(args.model).save_pretrained(tmp)  # the script reads weights from disk per scene
+            authors = run_authors_flow(tmp, scene, cfg.model_copy(update={"phase2_mode": "full"}), device)
+        rows["authors"] = {k: round(v, 3) for k, v in authors.items()}
+        ours = rows["ours"].get("full") or next(iter(rows["ours"].values()))
+        rows["speedup_vs_authors"] = {
+            "phase1": round(authors["phase1"] / ours["phase1"], 2),
+            "phase2": round(authors["phase2"] / ours["phase2"], 2),
+            "scene_total": round(authors["total"] / ours["total_s"], 2),
+        }
+    return rows
+
+
+def bench_sam(args) -> dict:
+    import numpy as np
+    import skimage.data
+
+    from pipeline.config import SegmenterConfig
+    from pipeline.segmenters import SamSegmenter, TinySamSegmenter
+
+    images = [skimage.data.astronaut(), skimage.data.coffee(), skimage.data.chelsea(), skimage.data.rocket()]
+    out = {"machine": machine()}
+    variants = [("tiny-sam", TinySamSegmenter, {})]
+    if torch.cuda.is_available():
+        class RandomVitH(SamSegmenter):  # real ViT-H shapes, random weights: speed only
+            def build_model(self):
+                from segment_anything import sam_model_registry
+
+                return sam_model_registry["vit_h"](checkpoint=None)
+        variants.append(("sam-vit_h-random", RandomVitH, {}))
+    else:
+        out["sam-vit_h-random"] = "needs a GPU: not measured on this machine"
+    for name, cls, _ in variants:
+        seg = cls(SegmenterConfig(kind="tiny-sam", points_per_side=args.points, pred_iou_thresh=0.0,
+                                  stability_score_thresh=0.0))
+        seg(images[0])  # warm-up
+        start = time.perf_counter()
+        n = 0
+        for _ in range(args.repeats):
+            for img in images:
+                seg(np.asarray(img))
+                n += 1
+        seconds = time.perf_counter() - start
+        out[name] = {"images": n, "seconds": round(seconds, 3), "images_per_s": round(n / seconds, 3),
+                     "points_per_side": args.points}
+    return out
+
+
+def bench_pipeline(args) -> dict:
+    import yaml
+
+    from pipeline.config import load_job
+    from pipeline.records import read_records
+    from pipeline.run import run_job
+
+    with tempfile.TemporaryDirectory() as tmp:
+        job_path = Path(tmp) / "job.yaml"
+        job_path.write_text(yaml.safe_dump({
+            "name": "bench", "output": f"{tmp}/out", "model": {"id": "tiny"}, "segmenter": {"kind": "classical"},
+            "demo_inputs": {"sample_photos": [], "generated_scenes": args.images, "size": 128},
+            "extract": {"phase1_steps": args.steps, "phase2_steps": args.steps, "phase2_mode": "lora",
+                        "prior": {"num_class_images": 2, "generation_steps": 2}, "grid_seeds": 0},
+            "resources": {"num_cpus": args.cpus, "num_gpus": args.actors, "extract_actors": args.actors,
+                          "extract_gpus": 1},
+        }))
+        summary = run_job(load_job(job_path))
+        windows = [(r["image"]["extract_started_at"], r["image"]["extract_ended_at"])
+                   for r in read_records(f"{tmp}/out").values() if r["image"]["status"] == "ok"]
+    busy = sum(e - s for s, e in windows)
+    span = max(e for _, e in windows) - min(s for s, _ in windows)
+    return {"machine": machine(), "images": args.images, "extract_actors": args.actors,
+            "logical_gpus": args.actors, "counts": summary["counts"], "wall_s": summary["seconds"],
+            "images_per_hour": summary["images_per_hour"],
+            "extract_busy_fraction": round(busy / (span * args.actors), 3) if span > 0 else None}
+
+
+def table(name: str, result: dict) -> str:
+    lines = [f"== {name}"]
+
+    def walk(prefix, value):
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{prefix}.{k}" if prefix else k, v)
+        else:
+            lines.append(f"  {prefix:<40} {value}")
+    walk("", result)
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks")
+    sub = parser.add_subparsers(dest="bench", required=True)
+    ex = sub.add_parser("extract", help="one scene: ours vs the authors' flow")
+    ex.add_argument("--model", default="tiny")
+    ex.add_argument("--steps", type=int, default=400, help="steps per phase")
+    ex.add_argument("--class-images", type=int, default=100)
+    ex.add_argument("--class-steps", type=int, default=50)
+    ex.add_argument("--modes", nargs="+", default=["full", "lora"])
+    ex.add_argument("--no-baseline", action="store_true")
+    sam = sub.add_parser("sam", help="automatic mask generation throughput")
+    sam.add_argument("--points", type=int, default=32)
+    sam.add_argument("--repeats", type=int, default=1)
+    pl = sub.add_parser("pipeline", help="local Ray, logical GPUs, tiny models: actor busy fraction")
+    pl.add_argument("--images", type=int, default=6)
+    pl.add_argument("--steps", type=int, default=20)
+    pl.add_argument("--actors", type=int, default=1)
+    pl.add_argument("--cpus", type=int, default=2)
+    sub.add_parser("all", help="every benchmark with its defaults")
+    parser.add_argument("--json", help="also write the results to this file")
+    args = parser.parse_args(argv)
+    runs = {"extract": bench_extract, "sam": bench_sam, "pipeline": bench_pipeline}
+    names = list(runs) if args.bench == "all" else [args.bench]
+    results = {}
+    for name in names:
+        sub_args = args if args.bench != "all" else parser.parse_args([name])
+        results[name] = runs[name](sub_args)
+        print(table(name, results[name]), file=sys.stderr, flush=True)
+    text = json.dumps(results, indent=2)
+    print(text)
+    if args.json:
+        Path(args.json).write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,115 @@
+"""The job file: the library's ExtractConfig plus the pipeline's own settings, validated
+up front so that an unknown key or a bad value stops the run with its name."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import Field, model_validator
+
+from breakscene.cli import validate_config
+from breakscene.config import ExtractConfig, StrictModel
+from breakscene.errors import BreakSceneError
+from breakscene.models import DEFAULT_MODEL
+
+
+class StorageConfig(StrictModel):
+    """fsspec options per protocol, e.g. {"s3": {"client_kwargs": {"endpoint_url": ...}}}."""
+
+    options: dict[str, dict] = Field(default_factory=dict)
+
+
+class ModelConfig(StrictModel):
+    id: str = DEFAULT_MODEL
+    revision: str | None = None
+
+
+class SegmenterConfig(StrictModel):
+    kind: Literal["sam", "tiny-sam", "classical"] = "sam"
+    checkpoint: str | None = None  # SAM weights (.pth): local path or fsspec URI
+    model_type: Literal["vit_h", "vit_l", "vit_b"] = "vit_h"
+    points_per_side: int = Field(32, ge=1)
+    points_per_batch: int = Field(64, ge=1)
+    pred_iou_thresh: float = Field(0.88, ge=0, le=1)
+    stability_score_thresh: float = Field(0.95, ge=0, le=1)
+    min_mask_region_area: int = Field(0, ge=0)
+    max_side: int = Field(1024, ge=64)  # images are downscaled to this before segmenting
+    # classical (scikit-image Felzenszwalb) parameters
+    scale: float = Field(300.0, gt=0)
+    sigma: float = Field(0.8, ge=0)
+    min_size_fraction: float = Field(0.01, gt=0, lt=1)
+
+    @model_validator(mode="after")
+    def _needs_checkpoint(self) -> "SegmenterConfig":
+        if self.kind == "sam" and not self.checkpoint:
+            raise ValueError("segmenter.kind 'sam' needs segmenter.checkpoint (a .pth path or URI)")
+        return self
+
+
+class SelectionConfig(StrictModel):
+    max_concepts: int = Field(4, ge=1, le=16)
+    min_quality: float = Field(0.3, ge=0, le=1)
+    min_area: float = Field(0.02, ge=0, le=1)
+    max_area: float = Field(0.6, gt=0, le=1)
+    max_overlap: float = Field(0.1, ge=0, le=1)
+    # The extractor trains on the centre square; a mask mostly outside it cannot be learned.
+    min_center_fraction: float = Field(0.8, ge=0, le=1)
+
+
+class ResourcesConfig(StrictModel):
+    """Actor pools. GPU counts left at null ask for GPUs only when the cluster has them."""
+
+    num_cpus: int | None = Field(None, ge=1)  # embedded local Ray only
+    num_gpus: float | None = Field(None, ge=0)  # embedded local Ray only (logical GPUs)
+    segment_actors: int = Field(1, ge=1)
+    segment_gpus: float | None = Field(None, ge=0)
+    extract_actors: int = Field(1, ge=1)
+    extract_gpus: float | None = Field(None, ge=0)
+    load_cpus: float = Field(0.5, gt=0)
+
+
+class DemoInputs(StrictModel):
+    """Inputs made by the job itself: scikit-image's sample photos and generated scenes."""
+
+    sample_photos: list[str] = Field(default_factory=lambda: ["astronaut", "coffee", "chelsea", "rocket"])
+    generated_scenes: int = Field(2, ge=0)
+    size: int = Field(256, ge=64)
+
+
+class JobConfig(StrictModel):
+    name: str = "breakscene"
+    manifest: str | None = None
+    demo_inputs: DemoInputs | None = None
+    output: str
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    segmenter: SegmenterConfig = Field(default_factory=lambda: SegmenterConfig(kind="classical"))
+    selection: SelectionConfig = Field(default_factory=SelectionConfig)
+    extract: ExtractConfig = Field(default_factory=ExtractConfig)
+    resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
+    force: bool = False  # redo images whose outputs are complete
+    runtime_env: dict = Field(default_factory=dict)  # for `breakscene submit`
+
+    @model_validator(mode="after")
+    def _check(self) -> "JobConfig":
+        if not self.manifest and self.demo_inputs is None:
+            raise ValueError("set 'manifest' (a manifest URI) or 'demo_inputs'")
+        if self.extract.max_concepts < self.selection.max_concepts:
+            raise ValueError(f"extract.max_concepts ({self.extract.max_concepts}) is below "
+                             f"selection.max_concepts ({self.selection.max_concepts})")
+        return self
+
+
+def load_job(path: str | Path, overrides: dict | None = None) -> JobConfig:
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except OSError as exc:
+        raise BreakSceneError(f"job file {path} cannot be read: {exc}") from None
+    except yaml.YAMLError as exc:
+        raise BreakSceneError(f"job file {path} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise BreakSceneError(f"job file {path} must be a mapping of settings")
+    data.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    return validate_config(JobConfig, data, str(path))

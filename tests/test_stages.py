@@ -1,0 +1,131 @@
+"""The pipeline's stages called directly on pandas batches (no Ray)."""
+import io
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from breakscene import masks as M
+from pipeline.config import JobConfig, load_job
+from pipeline.stages import Extract, Segment, initial_row, load_images, score_and_select
+from breakscene.errors import BreakSceneError
+from conftest import write_scene
+
+
+def _row(uri, **kw):
+    return initial_row({"image_uri": str(uri), "image_id": kw.get("image_id"), "mask_uris": kw.get("masks", []),
+                        "labels": [], "gt_mask_uris": kw.get("gt", []), "manifest_row": 0})
+
+
+def _job(tmp_path, **kw):
+    return JobConfig(output=str(tmp_path / "out"), manifest="m.jsonl", **kw).model_dump(mode="json")
+
+
+def test_load_records_bad_images_and_hashes_good_ones(tmp_path, examples):
+    (tmp_path / "corrupt.jpg").write_bytes(b"\xff\xd8\xff garbage")
+    Image.new("RGB", (8, 8)).save(tmp_path / "anim.gif")
+    rows = [_row(examples / "bear" / "img.jpg"), _row(tmp_path / "missing.png"), _row(tmp_path / "corrupt.jpg"),
+            _row(tmp_path / "anim.gif", image_id="given")]
+    out = load_images(pd.DataFrame(rows), {}).to_dict("records")
+    assert out[0]["status"] == "ok" and (out[0]["width"], out[0]["height"]) == (512, 512)
+    assert len(out[0]["image_id"]) == 16 and out[0]["image_bytes"][:2] == b"\xff\xd8"
+    assert out[1]["status"] == "failed" and "missing.png does not exist" in out[1]["error"]
+    assert out[1]["image_id"].startswith("uri-")
+    assert out[2]["status"] == "failed" and "unsupported format unknown" in out[2]["error"]
+    assert out[3]["status"] == "failed" and "unsupported format GIF" in out[3]["error"] and out[3]["image_id"] == "given"
+    assert all("load" in json.loads(r["timings"]) for r in out)
+
+
+def test_user_masks_are_scored_and_all_selected(tmp_path):
+    scene = write_scene(tmp_path / "s", size=(64, 64), boxes=((5, 5, 30, 30), (35, 35, 60, 60)))
+    Image.open(scene / "mask1.png").resize((32, 32), Image.NEAREST).save(scene / "mask1.png")  # wrong size
+    job = _job(tmp_path)
+    row = _row(scene / "img.png", masks=[str(scene / "mask0.png"), str(scene / "mask1.png")],
+               gt=[str(scene / "mask0.png")])
+    batch = load_images(pd.DataFrame([row]), {})
+    batch = Segment(job)(batch)
+    out = score_and_select(batch, job).to_dict("records")[0]
+    assert out["status"] == "ok", out["error"]
+    masks = json.loads(out["masks"])
+    assert [m["source"] for m in masks] == ["user", "user"]
+    assert M.decode_rle(masks[0]["rle"]).sum() == 25 * 25
+    assert "mask1.png is 32x32 but its image is 64x64: resized" in json.loads(out["warnings"])[0]
+    feats = json.loads(out["features"])
+    assert feats[0]["gt_iou"] == 1.0 and feats[1]["gt_iou"] == 0.0
+    assert json.loads(out["selected"]) == [0, 1]
+
+
+def test_empty_user_mask_fails_the_row(tmp_path):
+    scene = write_scene(tmp_path / "s")
+    Image.fromarray(np.zeros((64, 96), np.uint8)).save(scene / "mask1.png")
+    job = _job(tmp_path)
+    row = _row(scene / "img.png", masks=[str(scene / "mask0.png"), str(scene / "mask1.png")])
+    batch = load_images(pd.DataFrame([row]), {})
+    out = Segment(job)(batch).to_dict("records")[0]
+    assert out["status"] == "failed" and "mask1.png is empty" in out["error"] and out["error"].startswith("segment:")
+
+
+@pytest.mark.parametrize("kind", ["classical", "tiny-sam"])
+def test_automatic_segmenters_feed_selection(tmp_path, kind):
+    import skimage.data
+
+    buf = io.BytesIO()
+    Image.fromarray(skimage.data.coffee()).save(buf, format="PNG")
+    (tmp_path / "coffee.png").write_bytes(buf.getvalue())
+    seg = {"kind": kind, "points_per_side": 4, "pred_iou_thresh": 0.0, "stability_score_thresh": 0.0}
+    job = _job(tmp_path, segmenter=seg)
+    batch = Segment(job)(load_images(pd.DataFrame([_row(tmp_path / "coffee.png")]), {}))
+    out = score_and_select(batch, job).to_dict("records")[0]
+    masks = json.loads(out["masks"])
+    assert masks and all(m["source"] == kind for m in masks)
+    assert all(M.decode_rle(m["rle"]).shape == (400, 600) for m in masks)
+    if kind == "tiny-sam":
+        assert all(m["predicted_iou"] is not None for m in masks)
+    # either some masks are selected, or the row is skipped with the reason
+    assert json.loads(out["selected"]) or (out["status"] == "skipped" and "no mask passes" in out["error"])
+
+
+def test_job_file_errors_name_the_key(tmp_path):
+    path = tmp_path / "job.yaml"
+    path.write_text("output: out\nmanifest: m.jsonl\nextract:\n  phase1_step: 3\n")
+    with pytest.raises(BreakSceneError, match="extract.phase1_step: Extra inputs are not permitted"):
+        load_job(path)
+    path.write_text("output: out\nmanifest: m.jsonl\nsegmenter:\n  kind: sam\n")
+    with pytest.raises(BreakSceneError, match="needs segmenter.checkpoint"):
+        load_job(path)
+    path.write_text("output: out\n")
+    with pytest.raises(BreakSceneError, match="set 'manifest'"):
+        load_job(path)
+    path.write_text("output: out\nmanifest: m.jsonl\nresources: {extract_gpus: -1}\n")
+    with pytest.raises(BreakSceneError, match="resources.extract_gpus"):
+        load_job(path)
+
+
+def test_shipped_job_files_validate():
+    from conftest import ROOT
+
+    for path in sorted((ROOT / "jobs").glob("*.yaml")):
+        load_job(path)
+
+
+def test_extract_stage_resumes_done_images_and_force_redoes_them(tmp_path, examples):
+    from conftest import quick_config
+
+    scene = examples / "bear"
+    job = JobConfig(output=str(tmp_path / "out"), manifest="m.jsonl", model={"id": "tiny"},
+                    extract=quick_config(grid_seeds=0)).model_dump(mode="json")
+    row = _row(scene / "img.jpg", image_id="bear", masks=[str(scene / f"mask{i}.png") for i in range(3)])
+    batch = score_and_select(Segment(job)(load_images(pd.DataFrame([row]), {})), job)
+    stage = Extract(job, run_id="r1")
+    first = stage(batch.copy()).to_dict("records")[0]
+    assert first["status"] == "ok" and first["image_bytes"] == b""
+    record = json.loads((tmp_path / "out" / "records" / "bear.json").read_text())
+    assert record["image"]["run_id"] == "r1" and len(record["concepts"]) == 3
+    assert [c["mask_index"] for c in record["concepts"]] == [0, 1, 2]
+    again = Extract(job, run_id="r2")(batch.copy()).to_dict("records")[0]
+    assert again["status"] == "resumed" and json.loads(again["record"])["image"]["run_id"] == "r1"
+    forced = Extract({**job, "force": True}, run_id="r3")(batch.copy()).to_dict("records")[0]
+    assert forced["status"] == "ok"
+    assert json.loads((tmp_path / "out" / "records" / "bear.json").read_text())["image"]["run_id"] == "r3"
