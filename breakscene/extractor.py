@@ -46,6 +46,7 @@ class SceneTensors:
     masks: list[torch.Tensor]  # (N, R, R) full-resolution float masks
     latent_size: tuple[int, int]
     attn_size: tuple[int, int]
+    pixels: torch.Tensor | None = None  # (3, R, R) in [-1, 1], unflipped, on the CPU
     subset_cache: dict = field(default_factory=dict)
 
 
@@ -66,6 +67,7 @@ class ExtractionResult:
     bundle_uri: str | None = None
     grid_uri: str | None = None
     attention_maps: np.ndarray | None = field(default=None, repr=False)
+    evaluation: dict | None = None  # what the ``evaluate`` hook returned
 
     @property
     def final_loss(self) -> float | None:
@@ -181,7 +183,8 @@ class Extractor:
         latent = mean.shape[-1]
         attn = latent // cfg.attn_downsample
         return SceneTensors(latent_mean=[mean[0:1], mean[1:2]], latent_std=[std[0:1], std[1:2]],
-                            masks=[masks, masks.flip(-1)], latent_size=(latent, latent), attn_size=(attn, attn))
+                            masks=[masks, masks.flip(-1)], latent_size=(latent, latent), attn_size=(attn, attn),
+                            pixels=prepared.pixels)
 
     def _class_tensors(self, cfg: ExtractConfig, resolution: int) -> ClassTensors:
         p = cfg.prior
@@ -307,9 +310,13 @@ class Extractor:
 
     # -- the public entry point ------------------------------------------------------
     def extract(self, scene: Scene, config: ExtractConfig | None = None, out: str | None = None,
-                init_words: list[str | None] | None = None) -> ExtractionResult:
-        """Learn one token per mask of ``scene``; write a bundle to ``out`` when given."""
+                init_words: list[str | None] | None = None, evaluate=None) -> ExtractionResult:
+        """Learn one token per mask of ``scene``; write a bundle to ``out`` when given.
+
+        ``evaluate(extractor, scene_tensors, n)``, when given, runs on the trained weights
+        before they are reset (the robustness study measures through it)."""
         cfg = config or ExtractConfig()
+        self.last_config = cfg
         n = scene.num_concepts
         if n > min(cfg.max_concepts, self.max_concepts):
             raise SceneError(f"{scene.image_name} has {n} masks, more than max_concepts="
@@ -361,6 +368,10 @@ class Extractor:
                                       losses={"phase1": p1.summary(), "phase2": p2.summary()},
                                       timings=timings, image_hash=scene.image_hash,
                                       attention_maps=maps.cpu().numpy())
+            if evaluate is not None:
+                clock = time.perf_counter()
+                result.evaluation = evaluate(self, data, n)
+                timings["evaluate"] = round(time.perf_counter() - clock, 3)
             # 7. the bundle
             if out is not None:
                 clock = time.perf_counter()

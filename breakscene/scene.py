@@ -140,16 +140,22 @@ def center_square(size: tuple[int, int]) -> tuple[int, int, int, int]:
     return left, top, left + s, top + s
 
 
-def prepare_scene(scene: Scene, resolution: int) -> PreparedScene:
-    """Centre-crop image and masks together to a square and resize to ``resolution``."""
-    box = center_square(scene.image.size)
-    img = scene.image.crop(box).resize((resolution, resolution), Image.BICUBIC)
-    pixels = torch.from_numpy(np.asarray(img, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1.0
+def prepare_masks(masks: np.ndarray, resolution: int, names: list[str] | None = None) -> torch.Tensor:
+    """(N, H, W) bool masks -> (N, R, R) float, centre-cropped as ``prepare_scene`` crops."""
+    box = center_square((masks.shape[2], masks.shape[1]))
     out = []
-    for name, mask in zip(scene.mask_names or [f"mask{i}" for i in range(scene.num_concepts)], scene.masks):
+    for name, mask in zip(names or [f"mask{i}" for i in range(len(masks))], masks):
         crop = mask[box[1]:box[3], box[0]:box[2]]
         resized = M.resize_mask(crop, (resolution, resolution))
         if not resized.any():
             raise SceneError(f"mask {name} lies outside the centre square of its image: nothing left to learn")
         out.append(torch.from_numpy(resized.astype(np.float32)))
-    return PreparedScene(pixels=pixels, masks=torch.stack(out))
+    return torch.stack(out)
+
+
+def prepare_scene(scene: Scene, resolution: int) -> PreparedScene:
+    """Centre-crop image and masks together to a square and resize to ``resolution``."""
+    box = center_square(scene.image.size)
+    img = scene.image.crop(box).resize((resolution, resolution), Image.BICUBIC)
+    pixels = torch.from_numpy(np.asarray(img, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1.0
+    return PreparedScene(pixels=pixels, masks=prepare_masks(scene.masks, resolution, scene.mask_names or None))

@@ -21,6 +21,10 @@ def add_parsers(sub) -> None:
     submit.add_argument("--address", default="http://127.0.0.1:8265", help="Ray dashboard URL")
     submit.add_argument("--no-wait", action="store_true", help="return once submitted")
     submit.set_defaults(func=cmd_submit)
+    report = sub.add_parser("report", help="HTML / PNG / Markdown report of a robustness study")
+    report.add_argument("results", help="the study's output URI (or its measurements Parquet file)")
+    report.add_argument("--out", required=True, help="local folder for index.html, figures/ and summary.md")
+    report.set_defaults(func=cmd_report)
 
 
 def _load(args):
@@ -35,7 +39,13 @@ def _load(args):
 def cmd_run(args) -> int:
     from .run import run_job
 
-    summary = run_job(_load(args), address=args.address)
+    job = _load(args)
+    if job.kind == "study":
+        from .study import run_study
+
+        print(json.dumps(run_study(job, address=args.address)))
+        return 0
+    summary = run_job(job, address=args.address)
     print(json.dumps({k: summary[k] for k in ("run_id", "counts", "seconds", "images_per_hour", "tables")}))
     for err in summary["errors"]:
         print(f"  failed {err['image_id']}: {err['error']}")
@@ -48,3 +58,16 @@ def cmd_submit(args) -> int:
     job = _load(args)
     return submit(job, args.job, args.address, wait=not args.no_wait, manifest=args.manifest,
                   output=args.output, force=args.force)
+
+
+def cmd_report(args) -> int:
+    from breakscene.errors import BreakSceneError
+
+    from .report import build_report
+
+    try:
+        summary = build_report(args.results, args.out)
+    except FileNotFoundError as exc:
+        raise BreakSceneError(str(exc)) from None
+    print(json.dumps({"out": args.out, **{k: summary[k] for k in ("rows", "ok_rows", "skipped_cells", "metrics")}}))
+    return 0

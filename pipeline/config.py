@@ -78,6 +78,7 @@ class DemoInputs(StrictModel):
 
 
 class JobConfig(StrictModel):
+    kind: Literal["extract"] = "extract"
     name: str = "breakscene"
     manifest: str | None = None
     demo_inputs: DemoInputs | None = None
@@ -101,7 +102,8 @@ class JobConfig(StrictModel):
         return self
 
 
-def load_job(path: str | Path, overrides: dict | None = None) -> JobConfig:
+def load_job(path: str | Path, overrides: dict | None = None):
+    """A JobConfig, or a StudyConfig for files with ``kind: study``."""
     path = Path(path)
     try:
         data = yaml.safe_load(path.read_text()) or {}
@@ -112,4 +114,10 @@ def load_job(path: str | Path, overrides: dict | None = None) -> JobConfig:
     if not isinstance(data, dict):
         raise BreakSceneError(f"job file {path} must be a mapping of settings")
     data.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    if data.get("kind") == "study":
+        from .study import StudyConfig
+
+        if "force" in data:
+            raise BreakSceneError(f"{path}: a study never recomputes finished cells; remove its outputs to redo them")
+        return validate_config(StudyConfig, data, str(path))
     return validate_config(JobConfig, data, str(path))

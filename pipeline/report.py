@@ -1,0 +1,213 @@
+"""``breakscene report RESULTS_URI --out DIR``: the robustness study as a self-contained
+HTML page (figures embedded), the figures as PNG, and a Markdown summary.
+
+- Each metric against the measured mask IoU, one panel per noise family, points binned
+  by IoU with a bootstrap 95% confidence band of the bin mean. Clean cells (IoU 1) anchor
+  every family.
+- "IoU at 10% loss": the mask IoU at which the binned mean first moves 10% away from
+  the clean mean (down for higher-is-better metrics, up for the others), by linear
+  interpolation between bins; "not reached" when the noisiest bin is still within 10%.
+- A table per family and axis setting (cells, mean mask IoU, mean of each metric).
+- Sample grids (each bundle's grid.png) side by side across severities for a few scenes.
+"""
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from breakscene.storage import exists, filesystem, join, read_bytes
+
+# metric -> (label, higher is better)
+METRICS = {
+    "attention_iou": ("attention IoU with the clean mask", True),
+    "attention_leak": ("attention mass outside the clean mask", False),
+    "assigned_correct": ("token assigned to its own mask", True),
+    "recon_in": ("denoising error inside the clean mask", False),
+    "recon_out": ("denoising error outside the clean masks", False),
+    "identity_sim": ("identity similarity", True),
+    "prompt_sim": ("prompt similarity", True),
+}
+BINS = np.array([0.0, 0.3, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0001])
+
+
+def load_measurements(uri: str) -> pd.DataFrame:
+    import pyarrow.parquet as pq
+
+    path = uri if uri.endswith(".parquet") else join(uri, "measurements", "part-0.parquet")
+    if not exists(path):
+        raise FileNotFoundError(f"no study measurements at {path}")
+    return pq.read_table(io.BytesIO(read_bytes(path))).to_pandas()
+
+
+def bootstrap_ci(values: np.ndarray, rng: np.random.Generator, n: int = 1000) -> tuple[float, float]:
+    if len(values) < 2:
+        return float(values.mean()), float(values.mean())
+    means = rng.choice(values, size=(n, len(values)), replace=True).mean(axis=1)
+    return float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))
+
+
+def binned(df: pd.DataFrame, metric: str, rng: np.random.Generator) -> pd.DataFrame:
+    d = df[["mask_iou", metric]].dropna().astype(float)
+    d["bin"] = np.digitize(d["mask_iou"], BINS) - 1
+    rows = []
+    for b, group in d.groupby("bin"):
+        lo, hi = bootstrap_ci(group[metric].to_numpy(), rng)
+        rows.append({"iou": group["mask_iou"].mean(), "mean": group[metric].mean(), "lo": lo, "hi": hi,
+                     "n": len(group)})
+    return pd.DataFrame(rows).sort_values("iou", ascending=False)
+
+
+def iou_at_loss(curve: pd.DataFrame, clean_mean: float, higher_better: bool, loss: float = 0.10):
+    """Mask IoU where the binned mean first moves ``loss`` away from the clean mean."""
+    if curve.empty or not np.isfinite(clean_mean) or clean_mean == 0:
+        return None
+    target = clean_mean * (1 - loss) if higher_better else clean_mean * (1 + loss)
+    prev_iou, prev_val = 1.0, clean_mean
+    for _, row in curve.iterrows():
+        crossed = row["mean"] <= target if higher_better else row["mean"] >= target
+        if crossed:
+            if row["mean"] == prev_val:
+                return float(row["iou"])
+            frac = (target - prev_val) / (row["mean"] - prev_val)
+            return float(prev_iou + frac * (row["iou"] - prev_iou))
+        prev_iou, prev_val = row["iou"], row["mean"]
+    return None
+
+
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    return buf.getvalue()
+
+
+def metric_figure(ok: pd.DataFrame, metric: str, families: list[str], rng) -> tuple[bytes, dict]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    label, higher = METRICS[metric]
+    clean = ok[ok["family"] == "clean"]
+    clean_mean = float(clean[metric].astype(float).mean()) if len(clean) else float("nan")
+    cols = min(4, len(families))
+    rows_n = int(np.ceil(len(families) / cols))
+    fig, axes = plt.subplots(rows_n, cols, figsize=(3.2 * cols, 2.6 * rows_n), squeeze=False, sharey=True)
+    thresholds = {}
+    for ax, family in zip(axes.flat, families):
+        data = pd.concat([clean, ok[ok["family"] == family]])
+        curve = binned(data, metric, rng)
+        ax.scatter(data["mask_iou"], data[metric].astype(float), s=8, alpha=0.35, color="grey")
+        if not curve.empty:
+            ax.plot(curve["iou"], curve["mean"], color="C0", marker="o", ms=3)
+            ax.fill_between(curve["iou"], curve["lo"], curve["hi"], color="C0", alpha=0.25)
+        thresholds[family] = iou_at_loss(curve, clean_mean, higher)
+        if thresholds[family] is not None:
+            ax.axvline(thresholds[family], color="C3", ls="--", lw=1)
+        ax.set_title(family, fontsize=9)
+        ax.set_xlim(1.02, min(0.0, float(data["mask_iou"].min()) - 0.02))
+        ax.set_xlabel("mask IoU with clean", fontsize=8)
+    for ax in list(axes.flat)[len(families):]:
+        ax.axis("off")
+    axes[0][0].set_ylabel(label, fontsize=8)
+    fig.suptitle(f"{label} vs mask quality (bands: bootstrap 95% CI of bin means; dashed: 10% loss)",
+                 fontsize=9, y=1.04)
+    png = _png(fig)
+    plt.close(fig)
+    return png, thresholds
+
+
+def family_table(ok: pd.DataFrame, metrics: list[str]) -> pd.DataFrame:
+    axis_cols = [c for c in ok.columns if c.startswith("axis_")]
+    keys = ["family"] + axis_cols
+    agg = {"mask_iou": "mean", "cell_id": "nunique", **{m: "mean" for m in metrics}}
+    table = ok.astype({m: float for m in metrics}).groupby(keys, dropna=False).agg(agg).reset_index()
+    return table.rename(columns={"cell_id": "cells"})
+
+
+def sample_grids(ok: pd.DataFrame, n_scenes: int = 2) -> list[tuple[str, list[tuple[str, bytes]]]]:
+    """Per scene: (severity label, grid PNG) for the clean cell and each family's severities."""
+    out = []
+    for scene_id in sorted(ok["scene_id"].unique())[:n_scenes]:
+        cells = ok[(ok["scene_id"] == scene_id) & (ok["grid_uri"].fillna("") != "")].drop_duplicates("cell_id")
+        images = []
+        for _, row in cells.sort_values(["family", "severity"]).iterrows():
+            try:
+                images.append((f"{row['family']} {row['severity']:.2f} (IoU {row['mask_iou']:.2f})",
+                               read_bytes(row["grid_uri"])))
+            except FileNotFoundError:
+                continue
+        out.append((scene_id, images))
+    return out
+
+
+def build_report(results_uri: str, out_dir: str | Path) -> dict:
+    out_dir = Path(out_dir)
+    (out_dir / "figures").mkdir(parents=True, exist_ok=True)
+    df = load_measurements(results_uri)
+    ok = df[df["status"] == "ok"].copy()
+    skipped = df[df["status"] != "ok"].drop_duplicates("cell_id")
+    metrics = [m for m in METRICS if m in ok and ok[m].notna().any()]
+    families = sorted(f for f in ok["family"].unique() if f != "clean")
+    rng = np.random.default_rng(0)
+    figures, thresholds = {}, {}
+    for metric in metrics:
+        png, thresholds[metric] = metric_figure(ok, metric, families, rng)
+        (out_dir / "figures" / f"{metric}.png").write_bytes(png)
+        figures[metric] = png
+    table = family_table(ok, metrics)
+    grids = sample_grids(ok)
+    threshold_rows = [{"metric": m, **{f: ("not reached" if v is None else round(v, 3)) for f, v in t.items()}}
+                      for m, t in thresholds.items()]
+    (out_dir / "summary.md").write_text(_markdown(df, ok, skipped, threshold_rows, table))
+    (out_dir / "index.html").write_text(_html(results_uri, df, ok, skipped, figures, threshold_rows, table, grids))
+    summary = {"rows": len(df), "ok_rows": len(ok), "skipped_cells": len(skipped), "metrics": metrics,
+               "families": families, "iou_at_10pct_loss": thresholds}
+    (out_dir / "report.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def _markdown(df, ok, skipped, threshold_rows, table) -> str:
+    lines = ["# Noisy-mask robustness report", "",
+             f"{df['cell_id'].nunique()} cells, {ok['scene_id'].nunique()} scenes, {len(ok)} concept measurements; "
+             f"{len(skipped)} cells left out of the statistics.", "",
+             "## Mask IoU at which each metric has lost 10%", "", pd.DataFrame(threshold_rows).to_markdown(index=False),
+             "", "## Per family and axis", "", table.round(4).to_markdown(index=False), ""]
+    if len(skipped):
+        lines += ["## Left out", "", skipped[["cell_id", "scene_id", "family", "severity", "reason"]]
+                  .to_markdown(index=False), ""]
+    return "\n".join(lines)
+
+
+def _img(data: bytes, alt: str) -> str:
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(data).decode()}">'
+
+
+def _html(results_uri, df, ok, skipped, figures, threshold_rows, table, grids) -> str:
+    parts = [f"<h1>Noisy-mask robustness report</h1><p>Results: <code>{html.escape(results_uri)}</code>. "
+             f"{df['cell_id'].nunique()} cells, {ok['scene_id'].nunique()} scenes, {len(ok)} concept measurements; "
+             f"{len(skipped)} cells left out of the statistics (reasons below).</p>",
+             "<p>Measurements are always against the clean masks. With random-weight models the numbers "
+             "carry no meaning: only the plumbing is exercised.</p>",
+             "<h2>Mask IoU at which each metric has lost 10%</h2>", pd.DataFrame(threshold_rows).to_html(index=False)]
+    for metric, png in figures.items():
+        parts.append(f"<h2>{html.escape(METRICS[metric][0])}</h2>{_img(png, metric)}")
+    parts += ["<h2>Per family and axis</h2>", table.round(4).to_html(index=False)]
+    for scene_id, images in grids:
+        parts.append(f"<h2>Sample grids: {html.escape(scene_id)}</h2><div class='grids'>")
+        parts += [f"<figure>{_img(data, label)}<figcaption>{html.escape(label)}</figcaption></figure>"
+                  for label, data in images]
+        parts.append("</div>")
+    if len(skipped):
+        parts += ["<h2>Left out</h2>", skipped[["cell_id", "scene_id", "family", "severity", "reason"]]
+                  .to_html(index=False)]
+    style = ("body{font-family:sans-serif;max-width:1200px;margin:auto}img{max-width:100%}"
+             "table{border-collapse:collapse;font-size:12px}td,th{border:1px solid #ccc;padding:2px 6px}"
+             ".grids{display:flex;flex-wrap:wrap;gap:8px}figure{margin:0;width:380px}figcaption{font-size:11px}")
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>Robustness report</title>"
+            f"<style>{style}</style></head><body>{''.join(parts)}</body></html>")

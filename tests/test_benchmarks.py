@@ -1,0 +1,31 @@
+"""The benchmark scripts stay runnable: tiny model, a few steps, seconds."""
+import argparse
+
+import pytest
+
+from benchmarks.__main__ import bench_extract, bench_sam, table
+
+
+def test_extract_benchmark_runs_with_baseline_and_parity():
+    args = argparse.Namespace(model="tiny", steps=2, class_images=2, class_steps=1, modes=["full", "lora"],
+                              no_baseline=False)
+    result = bench_extract(args)
+    assert set(result["ours"]) == {"full", "lora"}
+    assert result["ours"]["full"]["phase1"] > 0 and result["authors"]["phase2"] > 0
+    assert set(result["speedup_vs_authors"]) == {"phase1", "phase2", "scene_total"}
+    # same batch, our attention processors vs explicit softmax everywhere
+    assert result["step1_loss"]["abs_diff"] < 1e-4 * abs(result["step1_loss"]["ours"])
+    assert "speedup_vs_authors.phase1" in table("extract", result)
+
+
+def test_sam_benchmark_runs():
+    result = bench_sam(argparse.Namespace(points=2, repeats=1))
+    assert result["tiny-sam"]["images"] == 4 and result["tiny-sam"]["images_per_s"] > 0
+
+
+@pytest.mark.e2e
+def test_pipeline_benchmark_reports_busy_fraction():
+    from benchmarks.__main__ import bench_pipeline
+
+    result = bench_pipeline(argparse.Namespace(images=2, steps=1, actors=1, cpus=2))
+    assert result["counts"]["ok"] == 2 and 0 < result["extract_busy_fraction"] <= 1

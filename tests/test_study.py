@@ -1,0 +1,118 @@
+"""Study pieces without Ray: ground truth sources, grid cells, skipped cells, report maths."""
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from pipeline.groundtruth import CocoSource, coco_scenes, load_clean, write_coco_fixture
+from pipeline.study import StudyConfig, axis_combos, build_cells
+from pipeline.groundtruth import collect_scenes, SceneSources
+from pipeline.report import bootstrap_ci, build_report, iou_at_loss
+
+
+def _box(h, w, y0, x0, y1, x1):
+    m = np.zeros((h, w), bool)
+    m[y0:y1, x0:x1] = True
+    return m
+
+
+def test_coco_filter_as_in_the_paper(tmp_path):
+    img = np.full((100, 100, 3), 128, np.uint8)
+    scenes = [
+        (img, [_box(100, 100, 0, 0, 50, 40), _box(100, 100, 50, 50, 100, 100)], ["dog", "cat"]),  # kept
+        (img, [_box(100, 100, 0, 0, 50, 40), _box(100, 100, 0, 0, 5, 5)], ["dog", "cat"]),  # 2nd too small
+        (img, [_box(100, 100, 0, 0, 50, 40), _box(100, 100, 50, 50, 100, 100)], ["dog", "person"]),
+    ]
+    path = write_coco_fixture(tmp_path / "coco", scenes)
+    found = coco_scenes(CocoSource(annotations=str(path), images=str(tmp_path / "coco")))
+    assert [s.scene_id for s in found] == ["coco-1", "coco-3"]
+    assert found[0].labels == ["cat", "dog"]  # largest first
+    excluded = coco_scenes(CocoSource(annotations=str(path), images=str(tmp_path / "coco"),
+                                      exclude_classes=["person"]))
+    assert [s.scene_id for s in excluded] == ["coco-1"]
+    _, masks = load_clean(found[0])
+    assert masks.shape == (2, 100, 100) and masks[0].sum() == 2500 and masks[1].sum() == 2000
+
+
+def test_grid_cells_and_axes(tmp_path):
+    cfg = StudyConfig(kind="study", output=str(tmp_path), scenes={"generated": 2},
+                      noise={"families": ["dilate", "shift"], "severities": [0.5, 1.0], "seeds": [0, 1],
+                             "segmenters": ["classical"]},
+                      axes={"lambda_attn": [0.0, 0.01]})
+    scenes = collect_scenes(cfg.scenes)
+    cells = build_cells(cfg, scenes)
+    # per scene and axis: 1 clean + 2 families x 2 severities x 2 seeds + 1 segmenter
+    assert len(cells) == 2 * 2 * (1 + 8 + 1)
+    assert len({c["cell_id"] for c in cells}) == len(cells)
+    assert axis_combos({"b": [1, 2], "a": ["x"]}) == [{"a": "x", "b": 1}, {"a": "x", "b": 2}]
+    with pytest.raises(Exception, match="lambda_attn"):
+        StudyConfig(kind="study", output="o", axes={"lambda_attn": [-1.0]})
+    with pytest.raises(Exception, match="unknown noise families"):
+        StudyConfig(kind="study", output="o", noise={"families": ["blur"]})
+
+
+def test_empty_clean_mask_and_emptied_noisy_mask_are_skipped(tmp_path, monkeypatch):
+    from pipeline import study
+
+    cfg = StudyConfig(kind="study", output=str(tmp_path), scenes={"generated": 1, "generated_size": 128},
+                      model={"id": "tiny"}, extract={"phase1_steps": 1, "phase2_steps": 1, "grid_seeds": 0,
+                                                     "prior": {"enabled": False}},
+                      evaluation={"generation": False})
+    worker = study.StudyWorker(cfg.model_dump(mode="json"))
+    cell = next(c for c in build_cells(cfg, collect_scenes(cfg.scenes)) if c["family"] == "clean")
+    monkeypatch.setattr(study, "perturb", lambda m, *a, **k: np.zeros_like(m))
+    noisy = worker.run_cell({**cell, "family": "erode", "severity": 1.0})
+    assert noisy["status"] == "skipped" and "noisy mask of concept 0 is empty" in noisy["reason"]
+    assert all(r["mask_iou"] == 0.0 for r in noisy["rows"])
+    ok = worker.run_cell(cell)
+    assert ok["status"] == "ok" and len(ok["rows"]) == 3
+    assert all(r["mask_iou"] == 1.0 and r["mask_boundary_f"] == 1.0 for r in ok["rows"])
+    assert {"attention_iou", "attention_leak", "recon_in", "recon_out"} <= set(ok["rows"][0])
+
+
+def test_iou_at_loss_interpolates():
+    curve = pd.DataFrame({"iou": [0.9, 0.7, 0.5], "mean": [0.95, 0.85, 0.6]})
+    # clean 1.0, target 0.9: between (0.9, 0.95) and (0.7, 0.85): halfway -> 0.8
+    assert iou_at_loss(curve, 1.0, higher_better=True) == pytest.approx(0.8)
+    assert iou_at_loss(curve, 0.5, higher_better=True) is None
+    up = pd.DataFrame({"iou": [0.9, 0.7], "mean": [1.05, 1.2]})
+    assert iou_at_loss(up, 1.0, higher_better=False) == pytest.approx(0.9 + (0.05 / 0.15) * -0.2)
+
+
+def test_bootstrap_ci_brackets_the_mean():
+    rng = np.random.default_rng(0)
+    values = rng.normal(1.0, 0.1, 200)
+    lo, hi = bootstrap_ci(values, rng)
+    assert lo < values.mean() < hi and hi - lo < 0.05
+
+
+def test_report_from_hand_made_measurements(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = []
+    for i, (family, sev, iou) in enumerate([("clean", 0, 1.0), ("dilate", 0.5, 0.8), ("dilate", 1.0, 0.5),
+                                            ("shift", 1.0, 0.3)]):
+        for k in range(2):
+            rows.append({"cell_id": f"c{i}", "scene_id": "s", "concept_index": k, "family": family,
+                         "severity": sev, "seed": 0, "status": "ok", "reason": "", "mask_iou": iou,
+                         "attention_iou": iou * 0.5, "recon_in": 1 / iou, "grid_uri": "", "axis_lambda_attn": "0.01"})
+    rows.append({"cell_id": "c9", "scene_id": "s", "concept_index": 0, "family": "erode", "severity": 1.0,
+                 "seed": 0, "status": "skipped", "reason": "the noisy mask of concept 0 is empty"})
+    path = tmp_path / "m.parquet"
+    pq.write_table(pa.Table.from_pandas(pd.DataFrame(rows)), path)
+    summary = build_report(str(path), tmp_path / "report")
+    assert summary["metrics"] == ["attention_iou", "recon_in"] and summary["skipped_cells"] == 1
+    assert (tmp_path / "report" / "figures" / "attention_iou.png").stat().st_size > 1000
+    html = (tmp_path / "report" / "index.html").read_text()
+    assert html.count("<img") == 2 and "noisy mask of concept 0 is empty" in html
+    md = (tmp_path / "report" / "summary.md").read_text()
+    assert "| dilate" in md and "axis_lambda_attn" in md
+    # attention IoU, clean 0.5, target 0.45. dilate: first bin (IoU 0.8, 0.4), halfway -> 0.9;
+    # shift: (IoU 0.3, 0.15), 0.05 / 0.35 = 1/7 of the way from IoU 1 to 0.3 -> 0.9
+    t = json.loads((tmp_path / "report" / "report.json").read_text())["iou_at_10pct_loss"]["attention_iou"]
+    assert t["dilate"] == pytest.approx(0.9) and t["shift"] == pytest.approx(0.9)
+    # recon_in rises (lower is better): clean 1.0, target 1.1; dilate (0.8, 1.25): 0.1/0.25 of 0.2 -> 0.92
+    assert json.loads((tmp_path / "report" / "report.json").read_text())["iou_at_10pct_loss"]["recon_in"][
+        "dilate"] == pytest.approx(0.92)
