@@ -129,3 +129,20 @@ def test_extract_stage_resumes_done_images_and_force_redoes_them(tmp_path, examp
     forced = Extract({**job, "force": True}, run_id="r3")(batch.copy()).to_dict("records")[0]
     assert forced["status"] == "ok"
     assert json.loads((tmp_path / "out" / "records" / "bear.json").read_text())["image"]["run_id"] == "r3"
+
+
+def test_sam_checkpoint_is_fetched_once_per_node(tmp_path, isolated_cache):
+    import fsspec
+
+    from pipeline.segmenters import local_checkpoint
+
+    local = tmp_path / "sam.pth"
+    local.write_bytes(b"weights")
+    assert local_checkpoint(str(local)) == local
+    with pytest.raises(BreakSceneError, match="does not exist"):
+        local_checkpoint(str(tmp_path / "none.pth"))
+    fs = fsspec.filesystem("memory")
+    fs.pipe("/models/sam.pth", b"remote weights")
+    first = local_checkpoint("memory://models/sam.pth")
+    fs.rm("/models/sam.pth")  # a second actor on the node must not need the store
+    assert local_checkpoint("memory://models/sam.pth") == first and first.read_bytes() == b"remote weights"

@@ -45,7 +45,9 @@ def test_smoke_study_runs_resumes_and_reports(tmp_path):
     assert len(ok) == 3 * ok["cell_id"].nunique()
     assert set(m["family"]) == {"clean", "dilate", "shift", "coarse"}
     assert (ok[ok["family"] == "clean"]["mask_iou"] == 1.0).all()
-    assert (ok[ok["family"] != "clean"]["mask_iou"] < 1.0).all()
+    # dilate and shift move every mask; coarse leaves the generated rectangles as they are
+    assert (ok[ok["family"].isin(["dilate", "shift"])]["mask_iou"] < 1.0).all()
+    assert ok[ok["family"] == "coarse"]["mask_iou"].min() < 1.0
     for col in ("attention_iou", "attention_leak", "recon_in", "recon_out", "identity_sim", "prompt_sim"):
         assert ok[col].notna().all(), col
     cell_mtimes = {p.name: p.stat().st_mtime for p in (out / "cells").glob("*.json")}
