@@ -6,6 +6,7 @@ in the same run on the same machine. GPU-only rows say so when no GPU is present
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import platform
 import sys
@@ -138,7 +139,8 @@ def bench_pipeline(args) -> dict:
             "resources": {"num_cpus": args.cpus, "num_gpus": args.actors, "extract_actors": args.actors,
                           "extract_gpus": 1},
         }))
-        summary = run_job(load_job(job_path))
+        with contextlib.redirect_stdout(sys.stderr):  # stdout carries only the JSON
+            summary = run_job(load_job(job_path))
         windows = [(r["image"]["extract_started_at"], r["image"]["extract_ended_at"])
                    for r in read_records(f"{tmp}/out").values() if r["image"]["status"] == "ok"]
     busy = sum(e - s for s, e in windows)
