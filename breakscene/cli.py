@@ -9,6 +9,7 @@ import argparse
 import io
 import json
 import logging
+import re
 import sys
 import time
 
@@ -130,7 +131,7 @@ def cmd_generate(args) -> int:
     if args.num_images < 1:
         raise BreakSceneError("--num-images must be at least 1")
     pipe, info = load_bundle_pipeline(args.bundle, args.device)
-    unknown = [t for t in __import__("re").findall(r"<asset\d+>", args.prompt) if t not in info["tokens"]]
+    unknown = [t for t in re.findall(r"<asset\d+>", args.prompt) if t not in info["tokens"]]
     if unknown:
         raise BreakSceneError(f"prompt uses {', '.join(unknown)}, not in this bundle ({', '.join(info['tokens'])})")
     seeds = list(range(args.seed, args.seed + args.num_images))

@@ -389,7 +389,6 @@ class Extractor:
 
     def _write_bundle(self, out: str, scene: Scene, prepared: PreparedScene, cfg: ExtractConfig,
                       result: ExtractionResult, resolution: int) -> None:
-        n = len(result.tokens)
         with tempfile.TemporaryDirectory(prefix="bundle-") as tmp_name:
             tmp = Path(tmp_name)
             files: dict = {"embeddings": [], "masks": []}
@@ -442,4 +441,3 @@ class Extractor:
             publish_dir(tmp, out, bundle_io.MARKER)
         result.bundle_uri = out
         result.grid_uri = join(out, "grid.png") if "grid" in files else None
-        assert n == len(files["embeddings"])
