@@ -139,8 +139,15 @@ def bench_pipeline(args) -> dict:
             "resources": {"num_cpus": args.cpus, "num_gpus": args.actors, "extract_actors": args.actors,
                           "extract_gpus": 1},
         }))
-        with contextlib.redirect_stdout(sys.stderr):  # stdout carries only the JSON
-            summary = run_job(load_job(job_path))
+        import ray
+
+        started_ray = not ray.is_initialized()
+        try:
+            with contextlib.redirect_stdout(sys.stderr):  # stdout carries only the JSON
+                summary = run_job(load_job(job_path))
+        finally:
+            if started_ray:  # leave no embedded cluster attached to the caller's process
+                ray.shutdown()
         windows = [(r["image"]["extract_started_at"], r["image"]["extract_ended_at"])
                    for r in read_records(f"{tmp}/out").values() if r["image"]["status"] == "ok"]
     busy = sum(e - s for s, e in windows)

@@ -27,5 +27,8 @@ def test_sam_benchmark_runs():
 def test_pipeline_benchmark_reports_busy_fraction():
     from benchmarks.__main__ import bench_pipeline
 
+    import ray
+
     result = bench_pipeline(argparse.Namespace(images=2, steps=1, actors=1, cpus=2))
     assert result["counts"]["ok"] == 2 and 0 < result["extract_busy_fraction"] <= 1
+    assert not ray.is_initialized()
