@@ -155,7 +155,8 @@ def run(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="breakscene", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="breakscene", description="Break-A-Scene at scale: single scenes, pipeline jobs, robustness reports.")
     sub = parser.add_subparsers(dest="command", required=True)
     add_extract_parser(sub)
     add_generate_parser(sub)
