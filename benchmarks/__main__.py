@@ -1,4 +1,4 @@
-"""python -m benchmarks {extract,sam,pipeline,all} [options]
+"""python -m benchmarks {extract,levers,memory,sam,pipeline,all} [options]
 
 Prints one JSON object and a table. Every speed-up is a ratio against a baseline measured
 in the same run on the same machine. GPU-only rows say so when no GPU is present.
@@ -158,6 +158,51 @@ def bench_pipeline(args) -> dict:
             "extract_busy_fraction": round(busy / (span * args.actors), 3) if span > 0 else None}
 
 
+def bench_levers(args) -> dict:
+    from benchmarks.levers import run_levers
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    scene, scene_name = _scene()
+    return {"machine": machine(), "model": args.model, "scene": scene_name,
+            **run_levers(args.model, scene, device, args.steps, args.compile, args.rounds)}
+
+
+def bench_memory(args) -> dict:
+    """Predicted peak per phase and mode (meta-device count), and measured where CUDA is."""
+    from breakscene.config import ExtractConfig
+    from breakscene.memory import GIB, predict_step_memory
+    from breakscene.models import load_models
+
+    models = load_models(args.model)
+    out: dict = {"machine": machine(), "model": args.model, "predicted_gib": {}}
+    cuda = torch.cuda.is_available()
+    for mode in ("full", "lora"):
+        cfg = ExtractConfig(phase2_mode=mode)
+        for phase in ("phase1", "phase2"):
+            for ckpt in (False, True):
+                est = predict_step_memory(models, cfg, models.native_resolution, phase, ckpt)
+                out["predicted_gib"][f"{mode}.{phase}.checkpointing_{'on' if ckpt else 'off'}"] = est.gib()
+    if not cuda:
+        out["measured"] = "needs a GPU: the peak is measured by `extract` on a CUDA machine"
+        return out
+    from breakscene.config import RuntimeConfig
+    from breakscene.extractor import Extractor
+
+    scene, _ = _scene()
+    out["device_total_gib"] = round(torch.cuda.get_device_properties(0).total_memory / GIB, 2)
+    out["measured_peak_gib"] = {}
+    for ckpt in ("off", "on"):
+        ex = Extractor(args.model, progress=False, runtime=RuntimeConfig(gradient_checkpointing=ckpt))
+        for mode in ("full", "lora"):
+            cfg = ExtractConfig(phase1_steps=3, phase2_steps=3, phase2_mode=mode, grid_seeds=0,
+                                prior={"num_class_images": 2, "generation_steps": 2})
+            result = ex.extract(scene, cfg)
+            out["measured_peak_gib"][f"{mode}.checkpointing_{ckpt}"] = result.runtime["peak_gpu_gib"]
+        del ex
+        torch.cuda.empty_cache()
+    return out
+
+
 def table(name: str, result: dict) -> str:
     lines = [f"== {name}"]
 
@@ -189,10 +234,18 @@ def main(argv=None) -> int:
     pl.add_argument("--steps", type=int, default=20)
     pl.add_argument("--actors", type=int, default=1)
     pl.add_argument("--cpus", type=int, default=2)
+    lv = sub.add_parser("levers", help="each speed lever alone: everything on, then one lever flipped")
+    lv.add_argument("--model", default="tiny")
+    lv.add_argument("--steps", type=int, default=10, help="timed steps per phase, variant and round")
+    lv.add_argument("--rounds", type=int, default=3, help="paired rounds; medians are reported")
+    lv.add_argument("--compile", action="store_true", help="also torch.compile (minutes of compile time on a CPU)")
+    mem = sub.add_parser("memory", help="predicted (and on CUDA measured) peak memory per phase")
+    mem.add_argument("--model", default="sd21-base-random")
     sub.add_parser("all", help="every benchmark with its defaults")
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args(argv)
-    runs = {"extract": bench_extract, "sam": bench_sam, "pipeline": bench_pipeline}
+    runs = {"extract": bench_extract, "levers": bench_levers, "memory": bench_memory, "sam": bench_sam,
+            "pipeline": bench_pipeline}
     names = list(runs) if args.bench == "all" else [args.bench]
     results = {}
     for name in names:

@@ -13,7 +13,7 @@ import re
 import sys
 import time
 
-from .config import ExtractConfig
+from .config import ExtractConfig, RuntimeConfig
 from .errors import BreakSceneError
 
 log = logging.getLogger("breakscene")
@@ -43,6 +43,11 @@ def add_extract_parser(sub) -> None:
     p.add_argument("--grid-seeds", type=int)
     p.add_argument("--seed", type=int)
     p.add_argument("--device", help="cuda, cuda:1 or cpu (default: cuda when present)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the UNet (slow start, faster steps)")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
+                   help="NHWC convolutions in the UNet (default: on)")
+    p.add_argument("--gradient-checkpointing", choices=["auto", "on", "off"], default="auto",
+                   help="recompute activations in backward; auto: only when the predicted peak does not fit the GPU")
     p.add_argument("--out", required=True, help="bundle folder or URI to write")
     p.add_argument("--force", action="store_true", help="replace an existing bundle at --out")
     p.set_defaults(func=cmd_extract)
@@ -112,7 +117,10 @@ def cmd_extract(args) -> int:
     if len(args.init_token) > scene.num_concepts:
         raise BreakSceneError(f"{len(args.init_token)} --init-token words for {scene.num_concepts} masks")
     start = time.perf_counter()
-    extractor = Extractor(args.model, args.revision, device=args.device, max_concepts=cfg.max_concepts)
+    runtime = RuntimeConfig(compile=args.compile, channels_last=args.channels_last,
+                            gradient_checkpointing=args.gradient_checkpointing)
+    extractor = Extractor(args.model, args.revision, device=args.device, max_concepts=cfg.max_concepts,
+                          runtime=runtime)
     result = extractor.extract(scene, cfg, out=args.out, init_words=args.init_token)
     print(f"bundle: {result.bundle_uri}")
     print(f"loss (last step): {result.final_loss:.4f}")

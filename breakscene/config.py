@@ -44,6 +44,19 @@ class LoraConfigFields(StrictModel):
     text_encoder: bool = True  # adapters on the text encoder too, not only the UNet
 
 
+class RuntimeConfig(StrictModel):
+    """How the resident models run. Nothing here changes what is learned beyond float
+    rounding, so it is a property of the Extractor, not of a run (not in bundles)."""
+
+    channels_last: bool = True  # NHWC convolutions in the UNet (tensor cores on CUDA)
+    compile: bool = False  # torch.compile the UNet once; pays off only over many scenes
+    compile_backend: str = "inductor"  # torch.compile backend ("eager" traces without code generation)
+    # Recompute activations in backward instead of storing them. "auto": only for a
+    # `full` phase 2 on CUDA when the predicted peak would not fit the device (memory.py).
+    gradient_checkpointing: Literal["auto", "on", "off"] = "auto"
+    memory_headroom: float = Field(0.9, gt=0, le=1)  # "auto" keeps the prediction under this share
+
+
 class ExtractConfig(StrictModel):
     """One Break-A-Scene run: two phases, union sampling, masked + attention losses."""
 

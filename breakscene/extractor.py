@@ -23,10 +23,11 @@ from . import bundle as bundle_io
 from . import masks as M
 from . import prior as prior_io
 from .attention import AttentionStore, install_capture, token_maps
-from .config import ExtractConfig
+from .config import ExtractConfig, RuntimeConfig
 from .errors import BreakSceneError, SceneError
 from .generate import fused_attention, make_pipeline, sample_grid
 from .lora import add_lora, lora_state_dicts, remove_lora
+from .memory import GIB, predict_step_memory
 from .metrics import attention_diagnostic
 from .models import load_models, pick_device
 from .sampling import concept_prompt, sample_subset, token_names
@@ -68,6 +69,7 @@ class ExtractionResult:
     grid_uri: str | None = None
     attention_maps: np.ndarray | None = field(default=None, repr=False)
     evaluation: dict | None = None  # what the ``evaluate`` hook returned
+    runtime: dict = field(default_factory=dict)  # how it ran: checkpointing per phase, peak memory
 
     @property
     def final_loss(self) -> float | None:
@@ -79,9 +81,10 @@ class ExtractionResult:
 
 class Extractor:
     def __init__(self, model: str = "tiny", revision: str | None = None, device: str | None = None,
-                 max_concepts: int = 4, progress: bool = True) -> None:
+                 max_concepts: int = 4, progress: bool = True, runtime: RuntimeConfig | None = None) -> None:
         start = time.perf_counter()
         self.device = pick_device(device)
+        self.runtime = runtime or RuntimeConfig()
         self.models = load_models(model, revision).to(self.device)
         self.max_concepts = max_concepts
         self.progress = progress
@@ -106,6 +109,11 @@ class Extractor:
         self._lora_active = False
         self._class_cache: dict[tuple, ClassTensors] = {}
         self._prompt_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._checkpointing_cache: dict[tuple, bool] = {}
+        if self.runtime.channels_last:
+            m.unet.to(memory_format=torch.channels_last)
+        if self.runtime.compile:
+            m.unet.compile(backend=self.runtime.compile_backend)  # in place: names and hooks stay
         self.load_seconds = time.perf_counter() - start
 
     # -- small helpers ---------------------------------------------------------------
@@ -271,6 +279,34 @@ class Extractor:
         groups = [{"params": lora_params, "lr": cfg.lora.lr}, {"params": [emb], "lr": cfg.phase2_lr}]
         return groups, lora_params + [emb], self._restore_other_rows(n)
 
+    def _wants_checkpointing(self, phase: str, cfg: ExtractConfig, resolution: int) -> bool:
+        """"on"/"off" as configured; "auto": only where the predicted peak of ``phase``
+        would not fit the CUDA device (the prediction is cached per setting)."""
+        mode = self.runtime.gradient_checkpointing
+        if mode != "auto" or self.device.type != "cuda":
+            return mode == "on"
+        key = (phase, cfg.phase2_mode, cfg.batch_size, cfg.prior.enabled, cfg.mixed_precision, resolution,
+               cfg.lora.rank, cfg.lora.text_encoder)
+        if key not in self._checkpointing_cache:
+            need = predict_step_memory(self.models, cfg, resolution, phase, checkpointing=False).total
+            have = torch.cuda.get_device_properties(self.device).total_memory * self.runtime.memory_headroom
+            self._checkpointing_cache[key] = need > have
+            if need > have:
+                log.info("%s: gradient checkpointing on (predicted %.1f GiB > %.1f GiB usable)",
+                         phase, need / GIB, have / GIB)
+        return self._checkpointing_cache[key]
+
+    def _set_checkpointing(self, on: bool) -> None:
+        unet, te = self.models.unet, self.models.text_encoder
+        if on == unet.is_gradient_checkpointing:
+            return
+        if on:
+            unet.enable_gradient_checkpointing()
+            te.activation_checkpointing_enable()
+        else:
+            unet.disable_gradient_checkpointing()
+            te.activation_checkpointing_disable()
+
     def _reset(self) -> None:
         """Back to the pristine base model, without reading anything from disk."""
         unet, te = self.models.unet, self.models.text_encoder
@@ -286,6 +322,7 @@ class Extractor:
             self._embedding.weight.copy_(self._pristine_embeddings)
         unet.requires_grad_(False)
         te.requires_grad_(False)
+        self._set_checkpointing(False)
         self.store.clear()
 
     # -- diagnostic --------------------------------------------------------------------
@@ -348,10 +385,17 @@ class Extractor:
             emb.requires_grad_(True)
             m.unet.train()
             m.text_encoder.train()
+            checkpointing = {}
+            if self.device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(self.device)
+            checkpointing["phase1"] = self._wants_checkpointing("phase1", cfg, resolution)
+            self._set_checkpointing(checkpointing["phase1"])
             p1 = run_phase("phase 1", cfg.phase1_steps, [{"params": [emb], "lr": cfg.phase1_lr}], [emb],
                            step, self._restore_other_rows(n), cfg, self.device, self.progress)
             # 5. phase 2: UNet + text encoder (full) or their LoRA adapters
             groups, trainable, after = self._setup_phase2(cfg, n)
+            checkpointing["phase2"] = self._wants_checkpointing("phase2", cfg, resolution)
+            self._set_checkpointing(checkpointing["phase2"])
             p2 = run_phase(f"phase 2 ({cfg.phase2_mode})", cfg.phase2_steps, groups, trainable, step, after,
                            cfg, self.device, self.progress)
             m.unet.eval()
@@ -367,7 +411,11 @@ class Extractor:
             result = ExtractionResult(tokens=self.tokens[:n], concepts=concepts,
                                       losses={"phase1": p1.summary(), "phase2": p2.summary()},
                                       timings=timings, image_hash=scene.image_hash,
-                                      attention_maps=maps.cpu().numpy())
+                                      attention_maps=maps.cpu().numpy(),
+                                      runtime={"gradient_checkpointing": checkpointing,
+                                               **self.runtime.model_dump(exclude={"gradient_checkpointing"})})
+            if self.device.type == "cuda":
+                result.runtime["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated(self.device) / GIB, 3)
             if evaluate is not None:
                 clock = time.perf_counter()
                 result.evaluation = evaluate(self, data, n)
@@ -432,6 +480,7 @@ class Extractor:
                 model={"id": self.models.model_id, "revision": self.models.revision,
                        "preset": self.models.is_preset},
                 config=cfg.model_dump(mode="json"), losses=result.losses, timings=result.timings,
+                runtime=result.runtime,
                 image={"name": scene.image_name, "sha256": scene.image_hash, "width": scene.image.width,
                        "height": scene.image.height},
                 concepts=[{**c, "mask": files["masks"][c["index"]]} for c in result.concepts],

@@ -124,14 +124,16 @@ class PhaseResult:
 
 def run_phase(name: str, steps: int, param_groups: list[dict], trainable: Iterable[torch.nn.Parameter],
               step_fn: Callable[[], LossTerms], after_step: Callable[[], None], cfg: ExtractConfig,
-              device: torch.device, progress: bool = True) -> PhaseResult:
+              device: torch.device, progress: bool = True, fused: bool | None = None) -> PhaseResult:
     """Run ``steps`` optimiser steps. Loss values stay on the device until the end: no host
-    synchronisation inside the loop except the progress bar's occasional refresh."""
+    synchronisation inside the loop except the progress bar's occasional refresh.
+
+    ``fused``: one fused AdamW kernel for all parameters (default: on CUDA)."""
     import time
 
     trainable = [p for p in trainable if p.requires_grad]
     opt = torch.optim.AdamW(param_groups, betas=cfg.optimizer.betas, weight_decay=cfg.optimizer.weight_decay,
-                            eps=cfg.optimizer.eps, fused=device.type == "cuda")
+                            eps=cfg.optimizer.eps, fused=device.type == "cuda" if fused is None else fused)
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and cfg.mixed_precision == "fp16")
     history = torch.zeros(steps, len(LOSS_NAMES), device=device)
     start = time.perf_counter()

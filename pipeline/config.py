@@ -9,7 +9,7 @@ import yaml
 from pydantic import Field, model_validator
 
 from breakscene.cli import validate_config
-from breakscene.config import ExtractConfig, StrictModel
+from breakscene.config import ExtractConfig, RuntimeConfig, StrictModel
 from breakscene.errors import BreakSceneError
 from breakscene.models import DEFAULT_MODEL
 
@@ -23,6 +23,7 @@ class StorageConfig(StrictModel):
 class ModelConfig(StrictModel):
     id: str = DEFAULT_MODEL
     revision: str | None = None
+    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)  # channels-last, compile, checkpointing
 
 
 class SegmenterConfig(StrictModel):

@@ -196,7 +196,7 @@ class Extract:
         self.job = JobConfig.model_validate(job)
         self.run_id = run_id
         configure(self.job.storage.options)
-        self.extractor = Extractor(self.job.model.id, self.job.model.revision,
+        self.extractor = Extractor(self.job.model.id, self.job.model.revision, runtime=self.job.model.runtime,
                                    max_concepts=self.job.extract.max_concepts, progress=False)
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:

@@ -129,7 +129,7 @@ class StudyWorker:
             torch.set_num_threads(threads)
         self.cfg = StudyConfig.model_validate(study)
         configure(self.cfg.storage.options)
-        self.extractor = Extractor(self.cfg.model.id, self.cfg.model.revision,
+        self.extractor = Extractor(self.cfg.model.id, self.cfg.model.revision, runtime=self.cfg.model.runtime,
                                    max_concepts=self.cfg.extract.max_concepts, progress=False)
         ev = self.cfg.evaluation
         self.identity = build_embedder(ev.identity_embedder) if ev.generation else None
@@ -257,7 +257,7 @@ def calibrate(cfg: StudyConfig) -> float:
     from PIL import Image
 
     Image.fromarray(image).save(buf, format="PNG")
-    ex = Extractor(cfg.model.id, cfg.model.revision, progress=False)
+    ex = Extractor(cfg.model.id, cfg.model.revision, runtime=cfg.model.runtime, progress=False)
     scene = build_scene(buf.getvalue(), "calibration", [(f"m{i}", m) for i, m in enumerate(masks)], 4)
     probe = cfg.extract.model_copy(update={"phase1_steps": 3, "phase2_steps": 3, "grid_seeds": 0,
                                            "prior": cfg.extract.prior.model_copy(update={"enabled": False})})

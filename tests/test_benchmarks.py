@@ -32,3 +32,26 @@ def test_pipeline_benchmark_reports_busy_fraction():
     result = bench_pipeline(argparse.Namespace(images=2, steps=1, actors=1, cpus=2))
     assert result["counts"]["ok"] == 2 and 0 < result["extract_busy_fraction"] <= 1
     assert not ray.is_initialized()
+
+
+def test_levers_benchmark_flips_each_lever_alone():
+    from benchmarks.__main__ import bench_levers
+
+    result = bench_levers(argparse.Namespace(model="tiny", steps=1, rounds=1, compile=False))
+    assert set(result["levers"]) == {"cached_latents", "loss_layers_only", "frozen_weights_phase1",
+                                     "fused_optimizer", "no_host_sync", "channels_last", "gradient_checkpointing"}
+    assert "CUDA only" in result["bf16_autocast"]
+    assert set(result["levers"]["frozen_weights_phase1"]) == {"what", "phase1_ms_with", "phase1_ms_without",
+                                                              "phase1_gain"}
+    for row in result["levers"].values():
+        assert row["phase1_ms_with"] > 0 and row["phase1_gain"] > 0
+
+
+def test_memory_benchmark_predicts_every_phase_and_mode():
+    from benchmarks.__main__ import bench_memory
+
+    result = bench_memory(argparse.Namespace(model="tiny"))
+    assert len(result["predicted_gib"]) == 8
+    full = result["predicted_gib"]["full.phase2.checkpointing_off"]
+    assert full["optimizer"] == pytest.approx(2 * full["gradients"], abs=2e-3)
+    assert "needs a GPU" in result["measured"]

@@ -26,6 +26,15 @@ def test_extract_prints_summary_and_writes_bundle(cli_bundle, capsys):
     assert info["concepts"][0]["init_word"] == "creature"
 
 
+def test_extract_runtime_flags_reach_the_bundle(tmp_path, examples):
+    out = tmp_path / "bundle"
+    assert main(["extract", "--scene", str(examples / "creature"), "--model", "tiny", "--out", str(out),
+                 "--gradient-checkpointing", "on", "--no-channels-last", *FAST]) == 0
+    runtime = json.loads((out / "bundle.json").read_text())["runtime"]
+    assert runtime["gradient_checkpointing"] == {"phase1": True, "phase2": True}
+    assert runtime["channels_last"] is False and runtime["compile"] is False
+
+
 def test_extract_refuses_to_overwrite_without_force(cli_bundle, capsys, examples):
     args = ["extract", "--scene", str(examples / "creature"), "--model", "tiny", "--out", str(cli_bundle), *FAST]
     assert main(args) == 2

@@ -92,6 +92,9 @@ def test_job_file_errors_name_the_key(tmp_path):
     path.write_text("output: out\nmanifest: m.jsonl\nextract:\n  phase1_step: 3\n")
     with pytest.raises(BreakSceneError, match="extract.phase1_step: Extra inputs are not permitted"):
         load_job(path)
+    path.write_text("output: out\nmanifest: m.jsonl\nmodel:\n  runtime:\n    gradient_checkpointing: always\n")
+    with pytest.raises(BreakSceneError, match="model.runtime.gradient_checkpointing: Input should be 'auto', 'on'"):
+        load_job(path)
     path.write_text("output: out\nmanifest: m.jsonl\nsegmenter:\n  kind: sam\n")
     with pytest.raises(BreakSceneError, match="needs segmenter.checkpoint"):
         load_job(path)
