@@ -88,37 +88,44 @@ def bench_extract(args) -> dict:
 
 
 def bench_sam(args) -> dict:
+    """Automatic mask generation, one image per encoder forward against ``--image-batch``."""
     import numpy as np
     import skimage.data
 
     from pipeline.config import SegmenterConfig
     from pipeline.segmenters import SamSegmenter, TinySamSegmenter
 
-    images = [skimage.data.astronaut(), skimage.data.coffee(), skimage.data.chelsea(), skimage.data.rocket()]
-    out = {"machine": machine()}
-    variants = [("tiny-sam", TinySamSegmenter, {})]
+    images = [np.asarray(f()) for f in (skimage.data.astronaut, skimage.data.coffee, skimage.data.chelsea,
+                                        skimage.data.rocket)] * args.repeats
+    out = {"machine": machine(), "points_per_side": args.points, "images": len(images)}
+    variants = [("tiny-sam", TinySamSegmenter)]
     if torch.cuda.is_available():
         class RandomVitH(SamSegmenter):  # real ViT-H shapes, random weights: speed only
             def build_model(self):
                 from segment_anything import sam_model_registry
 
                 return sam_model_registry["vit_h"](checkpoint=None)
-        variants.append(("sam-vit_h-random", RandomVitH, {}))
+        variants.append(("sam-vit_h-random", RandomVitH))
     else:
         out["sam-vit_h-random"] = "needs a GPU: not measured on this machine"
-    for name, cls, _ in variants:
-        seg = cls(SegmenterConfig(kind="tiny-sam", points_per_side=args.points, pred_iou_thresh=0.0,
-                                  stability_score_thresh=0.0))
-        seg(images[0])  # warm-up
-        start = time.perf_counter()
-        n = 0
-        for _ in range(args.repeats):
-            for img in images:
-                seg(np.asarray(img))
-                n += 1
-        seconds = time.perf_counter() - start
-        out[name] = {"images": n, "seconds": round(seconds, 3), "images_per_s": round(n / seconds, 3),
-                     "points_per_side": args.points}
+    for name, cls in variants:
+        row = {}
+        for batch in sorted({1, args.image_batch}):
+            seg = cls(SegmenterConfig(kind="tiny-sam", points_per_side=args.points, pred_iou_thresh=0.0,
+                                      stability_score_thresh=0.0, image_batch=batch,
+                                      points_per_batch=args.points_per_batch))
+            seg.segment_many(images[:1])  # warm-up
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            seg.segment_many(images)
+            seconds = time.perf_counter() - start
+            row[f"image_batch_{batch}"] = {"seconds": round(seconds, 3),
+                                           "images_per_s": round(len(images) / seconds, 3)}
+        if args.image_batch != 1:
+            row["batched_speedup"] = round(row["image_batch_1"]["seconds"]
+                                           / row[f"image_batch_{args.image_batch}"]["seconds"], 3)
+        out[name] = row
     return out
 
 
@@ -228,7 +235,9 @@ def main(argv=None) -> int:
     ex.add_argument("--no-baseline", action="store_true")
     sam = sub.add_parser("sam", help="automatic mask generation throughput")
     sam.add_argument("--points", type=int, default=32)
-    sam.add_argument("--repeats", type=int, default=1)
+    sam.add_argument("--repeats", type=int, default=1, help="times the four photos are segmented")
+    sam.add_argument("--image-batch", type=int, default=4, help="images per encoder forward (vs 1)")
+    sam.add_argument("--points-per-batch", type=int, default=64)
     pl = sub.add_parser("pipeline", help="local Ray, logical GPUs, tiny models: actor busy fraction")
     pl.add_argument("--images", type=int, default=6)
     pl.add_argument("--steps", type=int, default=20)

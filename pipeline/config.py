@@ -31,7 +31,8 @@ class SegmenterConfig(StrictModel):
     checkpoint: str | None = None  # SAM weights (.pth): local path or fsspec URI
     model_type: Literal["vit_h", "vit_l", "vit_b"] = "vit_h"
     points_per_side: int = Field(32, ge=1)
-    points_per_batch: int = Field(64, ge=1)
+    points_per_batch: int = Field(64, ge=1)  # prompts per mask-decoder call (256 suits an 80 GB GPU)
+    image_batch: int = Field(4, ge=1)  # images per image-encoder forward (and per Segment call)
     pred_iou_thresh: float = Field(0.88, ge=0, le=1)
     stability_score_thresh: float = Field(0.95, ge=0, le=1)
     min_mask_region_area: int = Field(0, ge=0)

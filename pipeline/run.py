@@ -122,7 +122,9 @@ def _run_stages(ray, job: JobConfig, todo: list[dict], run_id: str) -> list[dict
     ds = ray.data.from_items([initial_row(r) for r in todo], override_num_blocks=len(todo))
     ds = ds.map_batches(load_images, batch_size=1, batch_format="pandas", num_cpus=0.25,
                         fn_kwargs={"storage": job.storage.options})
-    ds = ds.map_batches(Segment, batch_size=1, batch_format="pandas", num_cpus=0.5, num_gpus=seg_gpus,
+    # several images per Segment call: SAM encodes them in one batched forward
+    seg_batch = job.segmenter.image_batch if job.segmenter.kind in ("sam", "tiny-sam") else 1
+    ds = ds.map_batches(Segment, batch_size=seg_batch, batch_format="pandas", num_cpus=0.5, num_gpus=seg_gpus,
                         compute=ActorPoolStrategy(min_size=1, max_size=res.segment_actors),
                         fn_constructor_kwargs={"job": job_dict})
     ds = ds.map_batches(score_and_select, batch_size=1, batch_format="pandas", num_cpus=0.25,

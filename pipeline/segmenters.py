@@ -60,6 +60,27 @@ def local_checkpoint(uri: str) -> Path:
     return target
 
 
+def _precomputed_predictor(sam):
+    """A SamPredictor whose ``set_image`` takes the next embedding from a queue filled by
+    one batched image-encoder pass, and encodes by itself only when the queue is empty."""
+    from segment_anything import SamPredictor
+
+    class PrecomputedPredictor(SamPredictor):
+        def __init__(self, model) -> None:
+            super().__init__(model)
+            self.queue: list[tuple[torch.Tensor, tuple[int, int]]] = []
+
+        def set_image(self, image: np.ndarray, image_format: str = "RGB") -> None:
+            if not self.queue:
+                return super().set_image(image, image_format)
+            self.reset_image()
+            self.features, self.input_size = self.queue.pop(0)
+            self.original_size = image.shape[:2]
+            self.is_image_set = True
+
+    return PrecomputedPredictor(sam)
+
+
 class SamSegmenter:
     def __init__(self, cfg: SegmenterConfig, device: str | None = None) -> None:
         from segment_anything import SamAutomaticMaskGenerator
@@ -71,20 +92,52 @@ class SamSegmenter:
             sam, points_per_side=cfg.points_per_side, points_per_batch=cfg.points_per_batch,
             pred_iou_thresh=cfg.pred_iou_thresh, stability_score_thresh=cfg.stability_score_thresh,
             min_mask_region_area=cfg.min_mask_region_area, output_mode="binary_mask")
+        self.generator.predictor = _precomputed_predictor(sam)  # one crop per image: one embedding each
 
     def build_model(self):
         from segment_anything import sam_model_registry
 
         return sam_model_registry[self.cfg.model_type](checkpoint=str(local_checkpoint(self.cfg.checkpoint)))
 
+    def _autocast(self):
+        return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.startswith("cuda"))
+
+    def _embed(self, images: list[np.ndarray]) -> list[tuple[torch.Tensor, tuple[int, int]]]:
+        """Image embeddings, ``cfg.image_batch`` images per encoder forward."""
+        predictor = self.generator.predictor
+        inputs, sizes = [], []
+        for image in images:
+            resized = torch.as_tensor(predictor.transform.apply_image(image), device=self.device)
+            resized = resized.permute(2, 0, 1).contiguous()[None]
+            sizes.append(tuple(resized.shape[-2:]))
+            inputs.append(predictor.model.preprocess(resized))  # normalised, padded to the encoder size
+        features = []
+        for start in range(0, len(inputs), self.cfg.image_batch):
+            with self._autocast():
+                features.append(predictor.model.image_encoder(torch.cat(inputs[start:start + self.cfg.image_batch])))
+        stacked = torch.cat(features)
+        return [(stacked[i:i + 1], size) for i, size in enumerate(sizes)]
+
     @torch.no_grad()
+    def segment_many(self, images: list[np.ndarray]) -> list[list[dict]]:
+        """Masks of several images; their embeddings are computed in batches."""
+        small = [_downscale(image, self.cfg.max_side) for image in images]
+        predictor = self.generator.predictor
+        predictor.queue = self._embed(small)
+        try:
+            results = []
+            for image, scaled in zip(images, small):
+                with self._autocast():
+                    found = self.generator.generate(scaled)
+                results.append([{"mask": _upscale_mask(m["segmentation"], image.shape[:2]),
+                                 "predicted_iou": float(m["predicted_iou"]),
+                                 "stability_score": float(m["stability_score"])} for m in found])
+            return results
+        finally:
+            predictor.queue = []
+
     def __call__(self, image: np.ndarray) -> list[dict]:
-        small = _downscale(image, self.cfg.max_side)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.startswith("cuda")):
-            found = self.generator.generate(small)
-        return [{"mask": _upscale_mask(m["segmentation"], image.shape[:2]),
-                 "predicted_iou": float(m["predicted_iou"]), "stability_score": float(m["stability_score"])}
-                for m in found]
+        return self.segment_many([image])[0]
 
 
 class TinySamSegmenter(SamSegmenter):
@@ -133,6 +186,10 @@ class ClassicalSegmenter:
                 out.append({"mask": _upscale_mask(mask, image.shape[:2]), "predicted_iou": None,
                             "stability_score": None})
         return out
+
+
+    def segment_many(self, images: list[np.ndarray]) -> list[list[dict]]:
+        return [self(image) for image in images]
 
 
 def labels_area(image: np.ndarray) -> int:

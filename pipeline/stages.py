@@ -121,28 +121,51 @@ class Segment:
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         rows = _rows(batch)
+        automatic = []
         for row in rows:
             if row["status"] != "ok":
                 continue
             start = time.perf_counter()
             try:
-                size = (int(row["width"]), int(row["height"]))
                 user = json.loads(row["mask_uris"])
-                warnings: list[str] = []
                 if user:
+                    size, warnings = (int(row["width"]), int(row["height"])), []
                     found = [{"mask": mask_from_image(load_mask_image(u), u, size, warnings), "source": "user",
                               "predicted_iou": None, "stability_score": None} for u in user]
+                    _warn(row, warnings)
+                    self._store(row, found)
                 else:
-                    image = np.asarray(decode_image(row["image_bytes"], row["image_uri"]))
-                    found = [{**m, "source": self.kind} for m in self.segmenter(image)]
-                _warn(row, warnings)
-                row["masks"] = json.dumps([{"rle": M.encode_rle(m["mask"]), "source": m["source"],
-                                            "predicted_iou": m["predicted_iou"],
-                                            "stability_score": m["stability_score"]} for m in found])
+                    automatic.append((row, np.asarray(decode_image(row["image_bytes"], row["image_uri"]))))
             except Exception as exc:  # noqa: BLE001
                 _fail(row, exc, "segment")
             _time(row, "segment", time.perf_counter() - start)
+        if automatic:
+            self._segment_together(automatic)
         return _batch(rows)
+
+    def _segment_together(self, work: list[tuple[dict, np.ndarray]]) -> None:
+        """One batched segmenter call (shared image-encoder passes); if it fails, each image
+        alone, so that one bad image costs only its own row."""
+        start = time.perf_counter()
+        try:
+            results = self.segmenter.segment_many([image for _, image in work])
+        except Exception:  # noqa: BLE001 - retried one by one below
+            results = None
+        share = (time.perf_counter() - start) / len(work)
+        for i, (row, image) in enumerate(work):
+            start = time.perf_counter()
+            try:
+                found = results[i] if results is not None else self.segmenter(image)
+                self._store(row, [{**m, "source": self.kind} for m in found])
+            except Exception as exc:  # noqa: BLE001
+                _fail(row, exc, "segment")
+            _time(row, "segment", share + time.perf_counter() - start)
+
+    @staticmethod
+    def _store(row: dict, found: list[dict]) -> None:
+        row["masks"] = json.dumps([{"rle": M.encode_rle(m["mask"]), "source": m["source"],
+                                    "predicted_iou": m["predicted_iou"],
+                                    "stability_score": m["stability_score"]} for m in found])
 
 
 def score_and_select(batch: pd.DataFrame, job: dict) -> pd.DataFrame:

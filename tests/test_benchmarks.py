@@ -19,8 +19,9 @@ def test_extract_benchmark_runs_with_baseline_and_parity():
 
 
 def test_sam_benchmark_runs():
-    result = bench_sam(argparse.Namespace(points=2, repeats=1))
-    assert result["tiny-sam"]["images"] == 4 and result["tiny-sam"]["images_per_s"] > 0
+    result = bench_sam(argparse.Namespace(points=2, repeats=1, image_batch=2, points_per_batch=64))
+    assert result["images"] == 4 and set(result["tiny-sam"]) == {"image_batch_1", "image_batch_2", "batched_speedup"}
+    assert result["tiny-sam"]["image_batch_2"]["images_per_s"] > 0
 
 
 @pytest.mark.e2e

@@ -87,6 +87,50 @@ def test_automatic_segmenters_feed_selection(tmp_path, kind):
     assert json.loads(out["selected"]) or (out["status"] == "skipped" and "no mask passes" in out["error"])
 
 
+def _photos(tmp_path, names=("coffee", "chelsea", "rocket")):
+    import skimage.data
+
+    uris = []
+    for name in names:
+        Image.fromarray(getattr(skimage.data, name)()).save(tmp_path / f"{name}.png")
+        uris.append(tmp_path / f"{name}.png")
+    return uris
+
+
+def test_sam_encodes_a_batch_of_images_in_one_forward(tmp_path):
+    """image_batch=3: one image-encoder call for three photos, and the same masks as one
+    image at a time (a user-masked row in the batch does not reach SAM)."""
+    seg = {"kind": "tiny-sam", "points_per_side": 4, "pred_iou_thresh": 0.0, "stability_score_thresh": 0.0,
+           "image_batch": 3}
+    job = _job(tmp_path, segmenter=seg)
+    scene = write_scene(tmp_path / "s")
+    rows = [_row(u) for u in _photos(tmp_path)] + [_row(scene / "img.png", masks=[str(scene / "mask0.png")])]
+    stage = Segment(job)
+    calls = []
+    stage.segmenter.generator.predictor.model.image_encoder.register_forward_hook(
+        lambda module, args, out: calls.append(args[0].shape[0]))
+    together = stage(load_images(pd.DataFrame(rows), {})).to_dict("records")
+    assert calls == [3]
+    alone = [stage(load_images(pd.DataFrame([r]), {})).to_dict("records")[0] for r in rows[:3]]
+    assert calls == [3, 1, 1, 1]
+    for a, b in zip(together[:3], alone):
+        assert a["status"] == "ok" and a["masks"] == b["masks"] and json.loads(a["masks"])
+    assert json.loads(together[3]["masks"])[0]["source"] == "user"
+
+
+def test_a_failing_batch_falls_back_to_one_image_at_a_time(tmp_path, monkeypatch):
+    job = _job(tmp_path, segmenter={"kind": "classical"})
+    stage = Segment(job)
+    monkeypatch.setattr(stage.segmenter, "segment_many", lambda images: 1 / 0)
+    real = stage.segmenter.__class__.__call__
+    monkeypatch.setattr(stage.segmenter.__class__, "__call__",
+                        lambda self, image: 1 / 0 if image.shape[1] == 451 else real(self, image))  # chelsea
+    out = stage(load_images(pd.DataFrame([_row(u) for u in _photos(tmp_path)]), {})).to_dict("records")
+    assert [r["status"] for r in out] == ["ok", "failed", "ok"]
+    assert out[1]["error"].startswith("segment:") and "division by zero" in out[1]["error"]
+    assert json.loads(out[0]["masks"]) and json.loads(out[2]["masks"])
+
+
 def test_job_file_errors_name_the_key(tmp_path):
     path = tmp_path / "job.yaml"
     path.write_text("output: out\nmanifest: m.jsonl\nextract:\n  phase1_step: 3\n")
