@@ -6,6 +6,7 @@ UNet + text encoder, or LoRA), 6. attention diagnostic, 7. bundle, 8. reset.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import random
@@ -430,6 +431,20 @@ class Extractor:
             # 8. pristine weights for the next scene, whatever happened
             self._reset()
 
+    @contextlib.contextmanager
+    def _loaded_layout(self):
+        """The UNet in the memory layout a loader gives it (NCHW), so that the bundle's grid
+        is bit for bit what the bundle generates once loaded; channels-last again after."""
+        unet = self.models.unet
+        if not self.runtime.channels_last:
+            yield
+            return
+        unet.to(memory_format=torch.contiguous_format)
+        try:
+            yield
+        finally:
+            unet.to(memory_format=torch.channels_last)
+
     def pipeline(self):
         """A generation pipeline over the current (trained) in-memory weights."""
         m = self.models
@@ -470,7 +485,7 @@ class Extractor:
             files["attention_maps"] = "attention_maps.safetensors"
             # The sample grid.
             if cfg.grid_seeds > 0:
-                with fused_attention(self.models.unet):
+                with fused_attention(self.models.unet), self._loaded_layout():
                     grid = sample_grid(self.pipeline(), result.tokens, list(range(cfg.grid_seeds)),
                                        cfg.grid_inference_steps, cfg.guidance_scale, resolution)
                 grid.save(tmp / "grid.png")
