@@ -178,9 +178,14 @@ def bench_memory(args) -> dict:
     """Predicted peak per phase and mode (meta-device count), and measured where CUDA is."""
     from breakscene.config import ExtractConfig
     from breakscene.memory import GIB, predict_step_memory
-    from breakscene.models import load_models
+    from breakscene.models import DiffusionModels, load_models
+    from breakscene.presets import PRESETS, build_preset
 
-    models = load_models(args.model)
+    if args.model in PRESETS:  # shapes are all a prediction needs: no weights to initialise
+        with torch.device("meta"):
+            models = DiffusionModels(*build_preset(args.model), args.model, None)
+    else:
+        models = load_models(args.model)
     out: dict = {"machine": machine(), "model": args.model, "predicted_gib": {}}
     cuda = torch.cuda.is_available()
     for mode in ("full", "lora"):

@@ -394,8 +394,9 @@ class Extractor:
             p1 = run_phase("phase 1", cfg.phase1_steps, [{"params": [emb], "lr": cfg.phase1_lr}], [emb],
                            step, self._restore_other_rows(n), cfg, self.device, self.progress)
             # 5. phase 2: UNet + text encoder (full) or their LoRA adapters
-            groups, trainable, after = self._setup_phase2(cfg, n)
+            # decided before the adapters exist: the prediction adds its own to a meta copy
             checkpointing["phase2"] = self._wants_checkpointing("phase2", cfg, resolution)
+            groups, trainable, after = self._setup_phase2(cfg, n)
             self._set_checkpointing(checkpointing["phase2"])
             p2 = run_phase(f"phase 2 ({cfg.phase2_mode})", cfg.phase2_steps, groups, trainable, step, after,
                            cfg, self.device, self.progress)

@@ -1,4 +1,5 @@
 """Shared builders for the pipeline's end-to-end tests."""
+import contextlib
 import json
 import os
 import shutil
@@ -91,9 +92,28 @@ def no_partial_output(out: Path) -> bool:
     return not leftovers and not incomplete
 
 
-def stop_ray_cluster(**env_extra):
-    subprocess.run([os.path.join(VENV_BIN, "ray"), "stop", "--force"], env=env(**env_extra), capture_output=True,
-                   timeout=120)
+def stop_ray_cluster(temp_dir: str, gcs_port: int) -> int:
+    """Stop only the cluster a test started (``ray stop`` would stop every Ray on the
+    machine): its daemons carry its --temp-dir or GCS port on their command lines, and
+    workers, agents and job drivers are their descendants. Returns how many were stopped."""
+    import psutil
+
+    roots = [p for p in psutil.process_iter(["cmdline"])
+             if any(temp_dir in arg or arg.endswith(f":{gcs_port}") for arg in (p.info["cmdline"] or []))]
+    procs = {p.pid: p for p in roots}
+    for root in roots:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            procs.update({c.pid: c for c in root.children(recursive=True)})
+    for proc in procs.values():
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.terminate()
+    _, alive = psutil.wait_procs(list(procs.values()), timeout=15)
+    for proc in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.kill()
+    psutil.wait_procs(alive, timeout=15)
+    shutil.rmtree(temp_dir, ignore_errors=True)
+    return len(procs)
 
 
 __all__ = ["free_port", "env", "write_job", "run_cli", "mixed_manifest", "tables", "no_partial_output",

@@ -1,9 +1,10 @@
 """The pipeline against real parts: an S3-compatible server on 127.0.0.1 (moto), and a
 real `ray start --head` cluster with a logical GPU receiving the job via the Jobs API."""
 import json
-import secrets
 import os
+import secrets
 import subprocess
+import tempfile
 import time
 
 import pytest
@@ -87,10 +88,12 @@ def test_submit_to_a_real_ray_cluster_through_the_jobs_api(tmp_path, examples):
     gcs, dashboard = free_port(), free_port()
     # Ray >= 2.59 authenticates local clusters; cluster and client share one token.
     auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16)}
+    temp_dir = tempfile.mkdtemp(prefix="rt-", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
     start = subprocess.run(
         [os.path.join(VENV_BIN, "ray"), "start", "--head", f"--port={gcs}", f"--dashboard-port={dashboard}",
          "--dashboard-host=127.0.0.1", "--node-ip-address=127.0.0.1", "--num-cpus=2", "--num-gpus=1",
-         f"--ray-client-server-port={free_port()}", "--include-dashboard=true", "--disable-usage-stats"],
+         f"--ray-client-server-port={free_port()}", "--include-dashboard=true", "--disable-usage-stats",
+         f"--temp-dir={temp_dir}"],
         env=env(**auth), capture_output=True, text=True, timeout=300)
     try:
         assert start.returncode == 0, start.stderr[-3000:]
@@ -111,4 +114,4 @@ def test_submit_to_a_real_ray_cluster_through_the_jobs_api(tmp_path, examples):
         summary = json.loads((out / "summary.json").read_text())
         assert summary["counts"]["ok"] == 2
     finally:
-        stop_ray_cluster(**auth)
+        assert stop_ray_cluster(temp_dir, gcs) > 0
