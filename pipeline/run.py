@@ -19,7 +19,7 @@ from . import records as R
 from .config import JobConfig
 from .demo import build_demo_inputs
 from .manifest import read_manifest
-from .stages import Extract, Segment, initial_row, load_images, score_and_select
+from .stages import ContentClaims, Extract, Segment, initial_row, load_images, score_and_select
 
 log = logging.getLogger(__name__)
 
@@ -120,8 +120,9 @@ def _run_stages(ray, job: JobConfig, todo: list[dict], run_id: str) -> list[dict
     seg_gpus, ext_gpus = auto_gpus(gpus, res)
     job_dict = job.model_dump(mode="json")
     ds = ray.data.from_items([initial_row(r) for r in todo], override_num_blocks=len(todo))
+    claims = ray.remote(num_cpus=0)(ContentClaims).remote()
     ds = ds.map_batches(load_images, batch_size=1, batch_format="pandas", num_cpus=0.25,
-                        fn_kwargs={"storage": job.storage.options})
+                        fn_kwargs={"storage": job.storage.options, "claims": claims})
     # several images per Segment call: SAM encodes them in one batched forward
     seg_batch = job.segmenter.image_batch if job.segmenter.kind in ("sam", "tiny-sam") else 1
     ds = ds.map_batches(Segment, batch_size=seg_batch, batch_format="pandas", num_cpus=0.5, num_gpus=seg_gpus,
@@ -133,7 +134,7 @@ def _run_stages(ray, job: JobConfig, todo: list[dict], run_id: str) -> list[dict
                         compute=ActorPoolStrategy(min_size=1, max_size=res.extract_actors),
                         fn_constructor_kwargs={"job": job_dict, "run_id": run_id,
                                                "threads": None if has_gpu else res.num_cpus})
-    return [dict(r) for r in ds.select_columns(["image_id", "status", "error", "timings"]).iter_rows()]
+    return [dict(r) for r in ds.select_columns(["image_id", "manifest_row", "status", "error", "timings"]).iter_rows()]
 
 
 def auto_gpus(gpus: float, res) -> tuple[float, float]:
@@ -156,7 +157,10 @@ def _summary(run_id, job, manifest, results, rejected, pre_done, counts, seconds
     return {
         "run_id": run_id, "job": job.name, "manifest": manifest, "output": job.output,
         "counts": {"ok": extracted, "failed": statuses.count("failed") + len(rejected),
-                   "skipped": statuses.count("skipped"), "resumed": statuses.count("resumed") + pre_done},
+                   "skipped": statuses.count("skipped"), "resumed": statuses.count("resumed") + pre_done,
+                   "duplicate": statuses.count("duplicate")},
+        "duplicates": [{"manifest_row": int(r["manifest_row"]), "image_id": r["image_id"], "note": r["error"]}
+                       for r in results if r["status"] == "duplicate"],
         "errors": [{"image_id": r["image_id"], "error": r["error"]} for r in results if r["status"] == "failed"]
         + [{"image_id": r["image_id"], "error": r["error"]} for r in rejected],
         "seconds": round(seconds, 3), "seconds_per_stage": per_stage,

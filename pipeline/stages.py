@@ -69,8 +69,22 @@ def initial_row(item: dict) -> dict:
             "timings": "{}", "record": ""}
 
 
-def load_images(batch: pd.DataFrame, storage: dict) -> pd.DataFrame:
-    """Fetch and decode each image; assign a content-hash id where the manifest gave none.
+class ContentClaims:
+    """Which manifest row owns each content-hash id in this run (a Ray actor): two rows
+    of the same picture without explicit ids get the same id and must not both be
+    segmented and extracted. A retried row claims again with its own row number and
+    keeps its claim."""
+
+    def __init__(self) -> None:
+        self.owner: dict[str, int] = {}
+
+    def claim(self, image_id: str, manifest_row: int) -> int:
+        return self.owner.setdefault(image_id, manifest_row)
+
+
+def load_images(batch: pd.DataFrame, storage: dict, claims=None) -> pd.DataFrame:
+    """Fetch and decode each image; assign a content-hash id where the manifest gave none
+    (``claims``, a ContentClaims actor, marks later rows of the same content "duplicate").
     A plain task: no model to keep, so no actor."""
     configure(storage)
     rows = _rows(batch)
@@ -87,12 +101,25 @@ def load_images(batch: pd.DataFrame, storage: dict) -> pd.DataFrame:
                                       f"(supported: {', '.join(sorted(SUPPORTED_FORMATS))})")
             image = decode_image(data, row["image_uri"])
             row.update(image_bytes=data, width=image.width, height=image.height)
-            row["image_id"] = row["image_id"] or hashlib.sha256(data).hexdigest()[:16]
+            if not row["image_id"]:
+                row["image_id"] = hashlib.sha256(data).hexdigest()[:16]
+                _claim(row, claims)
         except Exception as exc:  # noqa: BLE001 - recorded per row
             _fail(row, exc, "load")
             row["image_id"] = row["image_id"] or R.uri_id(row["image_uri"])
         _time(row, "load", time.perf_counter() - start)
     return _batch(rows)
+
+
+def _claim(row: dict, claims) -> None:
+    if claims is None:
+        return
+    import ray
+
+    owner = ray.get(claims.claim.remote(row["image_id"], int(row["manifest_row"])))
+    if owner != int(row["manifest_row"]):
+        row.update(status="duplicate", image_bytes=b"",
+                   error=f"same image content as manifest row {owner} (id {row['image_id']}): processed once")
 
 
 def _format(data: bytes) -> str | None:
@@ -230,6 +257,8 @@ class Extract:
         return _batch(rows)
 
     def _one(self, row: dict) -> None:
+        if row["status"] == "duplicate":
+            return  # its twin's record is the image's record: writing one would overwrite it
         out = self.job.output
         start = time.perf_counter()
         started_at = time.time()

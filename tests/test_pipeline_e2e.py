@@ -113,3 +113,30 @@ def test_killed_driver_then_rerun_does_each_image_once(tmp_path, examples):
         per_image.setdefault(c["image_id"], set()).add(c["concept_index"])
     assert all(per_image[i] == {0, 1, 2} for i in processed) and len(t["concepts"]) == 12
     assert no_partial_output(out)
+
+
+def test_the_same_picture_twice_without_ids_is_extracted_once(tmp_path, examples):
+    """Two extraction actors, and two manifest rows of one picture (one by another path):
+    both get the same content id; the later row is reported as a duplicate, not run."""
+    import shutil
+
+    copy = tmp_path / "copy-of-creature.jpg"
+    shutil.copy(examples / "creature" / "img.jpg", copy)
+    masks = {n: [str(examples / n / f"mask{i}.png") for i in range(3)] for n in ("creature", "toys")}
+    rows = [{"image_uri": str(examples / "creature" / "img.jpg"), "mask_uris": masks["creature"]},
+            {"image_uri": str(examples / "toys" / "img.jpg"), "mask_uris": masks["toys"]},
+            {"image_uri": str(copy), "mask_uris": masks["creature"]}]
+    manifest = tmp_path / "manifest.jsonl"
+    manifest.write_text("\n".join(json.dumps(r) for r in rows))
+    out = tmp_path / "out"
+    job = write_job(tmp_path / "job.yaml", str(manifest), str(out),
+                    resources={"num_cpus": 2, "num_gpus": 2, "extract_actors": 2, "extract_gpus": 1})
+    proc = run_cli("run", str(job))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["counts"]["ok"] == 2 and summary["counts"]["duplicate"] == 1
+    (dup,) = summary["duplicates"]
+    assert dup["manifest_row"] in (0, 2) and "same image content as manifest row" in dup["note"]
+    t = tables(str(out))
+    assert len(t["images"]) == 2 and len({r["image_id"] for r in t["images"]}) == 2
+    assert len(list((out / "bundles").iterdir())) == 2 and len(t["concepts"]) == 6
