@@ -18,13 +18,13 @@ demo: $(STAMP)
 # Both tiers: fast unit tests, then the end-to-end tier (real Ray cluster, S3 server, browser).
 test: $(STAMP)
 	$(PY) -m pytest -q -m "not e2e"
-	$(PY) -m pytest -q -m e2e
+	$(PY) -m pytest -q -m e2e --durations=8
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not e2e"
 
 test-e2e: $(STAMP)
-	$(PY) -m pytest -q -m e2e
+	$(PY) -m pytest -q -m e2e --durations=8
 
 bench: $(STAMP)
 	$(PY) -m benchmarks all

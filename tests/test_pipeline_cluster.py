@@ -74,7 +74,7 @@ def test_same_job_on_s3_writes_the_same_tables(tmp_path, examples, s3_endpoint):
     assert fs.exists("data/out/bundles/bear/bundle.json") and fs.exists("data/out/bundles/bear/grid.png")
     assert fs.exists("data/out/summary.json") and fs.exists("data/out/records/missing.json")
     assert json.loads(fs.cat("data/out/summary.json"))["counts"] == {"ok": 2, "failed": 1, "skipped": 0,
-                                                                    "resumed": 0}
+                                                                    "resumed": 0, "duplicate": 0}
 
 
 def test_submit_to_a_real_ray_cluster_through_the_jobs_api(tmp_path, examples):
