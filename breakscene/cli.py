@@ -9,10 +9,14 @@ import argparse
 import io
 import json
 import logging
+import math
 import re
 import sys
+import tempfile
 import time
+from pathlib import Path
 
+from .cli_options import finish_parser, package_version, setup_logging, show_defaults
 from .config import ExtractConfig, RuntimeConfig
 from .errors import BreakSceneError
 
@@ -50,20 +54,46 @@ def add_extract_parser(sub) -> None:
                    help="recompute activations in backward; auto: only when the predicted peak does not fit the GPU")
     p.add_argument("--out", required=True, help="bundle folder or URI to write")
     p.add_argument("--force", action="store_true", help="replace an existing bundle at --out")
+    cfg = ExtractConfig()
+    # flags left out take the config's value (published settings), shown in --help
+    show_defaults(p, {**cfg.model_dump(include={"phase1_steps", "phase2_steps", "phase2_mode", "lambda_attn",
+                                               "batch_size", "seed", "grid_seeds"}),
+                      "prior_preservation": cfg.prior.enabled, "num_class_images": cfg.prior.num_class_images,
+                      "resolution": "the model's native size"})
     p.set_defaults(func=cmd_extract)
 
 
 def add_generate_parser(sub) -> None:
+    from .schedulers import SCHEDULERS
+
     p = sub.add_parser("generate", help="generate images from a concept bundle")
     p.add_argument("--bundle", required=True)
     p.add_argument("--prompt", required=True, help='e.g. "a photo of <asset0> at the beach"')
-    p.add_argument("--num-images", type=int, default=1)
+    p.add_argument("--negative-prompt", help="what guidance steers away from, e.g. \"blurry, low quality\"")
+    p.add_argument("--num-images", type=int, default=1, help="images with seeds --seed, --seed + 1, ... in one batch")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--guidance-scale", type=float, default=7.5)
+    p.add_argument("--scheduler", choices=list(SCHEDULERS),
+                   help="sampler (default: the one the bundle's grid was made with)")
+    p.add_argument("--steps", type=int, help="sampler steps (default: the bundle's grid setting)")
+    p.add_argument("--guidance-scale", type=float, help="classifier-free guidance (default: the bundle's grid setting)")
+    p.add_argument("--height", type=int, help="pixels, a multiple of 8 (default: the bundle's training resolution)")
+    p.add_argument("--width", type=int, help="pixels, a multiple of 8 (default: the bundle's training resolution)")
+    p.add_argument("--lora-scale", type=float,
+                   help="strength of a lora bundle's adapters: 0 the base weights, 1 as trained (default: 1)")
     p.add_argument("--device")
     p.add_argument("--out", required=True, help="PNG file (several images are laid side by side)")
     p.set_defaults(func=cmd_generate)
+
+
+def add_export_base_parser(sub) -> None:
+    p = sub.add_parser("export-base", help="write a random-weight preset as a diffusers folder",
+                       description="Write a preset (tiny, sd21-base-random) as the folder "
+                                   "StableDiffusionPipeline.from_pretrained reads: the base that bundles "
+                                   "trained on the preset load on with plain diffusers.")
+    p.add_argument("preset", help="tiny or sd21-base-random")
+    p.add_argument("out", metavar="DIR", help="folder or URI to write (new or empty)")
+    p.add_argument("--force", action="store_true", help="replace an earlier export at DIR")
+    p.set_defaults(func=cmd_export_base)
 
 
 def config_from_args(args) -> ExtractConfig:
@@ -74,12 +104,22 @@ def config_from_args(args) -> ExtractConfig:
         try:
             with open(args.config) as fh:
                 data = yaml.safe_load(fh) or {}
-        except OSError as exc:
+        except (OSError, UnicodeDecodeError) as exc:
             raise BreakSceneError(f"config file {args.config} cannot be read: {exc}") from None
+        except yaml.YAMLError as exc:
+            where = getattr(exc, "problem_mark", None)
+            at = f" (line {where.line + 1}, column {where.column + 1})" if where else ""
+            raise BreakSceneError(f"config file {args.config} is not valid YAML{at}: "
+                                  f"{getattr(exc, 'problem', None) or exc}") from None
+        if not isinstance(data, dict):
+            raise BreakSceneError(f"config file {args.config} must be a mapping of ExtractConfig fields "
+                                  f"(key: value lines), not a {type(data).__name__}")
     flat = {"phase1_steps": args.phase1_steps, "phase2_steps": args.phase2_steps,
             "phase2_mode": args.phase2_mode, "lambda_attn": args.lambda_attn, "batch_size": args.batch_size,
             "resolution": args.resolution, "seed": args.seed, "grid_seeds": args.grid_seeds}
     data.update({k: v for k, v in flat.items() if v is not None})
+    if not isinstance(data.get("prior") or {}, dict):  # e.g. `prior: true`: pydantic names it below
+        return validate_config(ExtractConfig, data, args.config or "command line")
     prior = dict(data.get("prior") or {})
     for key, value in (("enabled", args.prior_preservation), ("class_data_dir", args.class_data_dir),
                        ("num_class_images", args.num_class_images)):
@@ -101,19 +141,24 @@ def validate_config(model, data: dict, where: str):
 
 
 def cmd_extract(args) -> int:
-    from .bundle import is_complete
+    from .bundle import MARKER
     from .extractor import Extractor
-    from .scene import load_scene, load_scene_dir
+    from .models import pick_device
+    from .outputs import check_output_dir
+    from .scene import load_scene, scene_dir_files
 
+    # Every check before any model is loaded: config, device, inputs, output.
     cfg = config_from_args(args)
-    if is_complete(args.out) and not args.force:
-        raise BreakSceneError(f"{args.out} already holds a bundle; pass --force to replace it")
+    pick_device(args.device)
     if args.scene:
-        scene = load_scene_dir(args.scene, cfg.max_concepts)
+        image, masks = scene_dir_files(args.scene)
+    elif not args.mask:
+        raise BreakSceneError("--image needs at least one --mask")
     else:
-        if not args.mask:
-            raise BreakSceneError("--image needs at least one --mask")
-        scene = load_scene(args.image, args.mask, cfg.max_concepts)
+        image, masks = args.image, args.mask
+    inputs = [args.scene or image, *masks, cfg.prior.class_data_dir]
+    check_output_dir(args.out, marker=MARKER, inputs=[i for i in inputs if i], replace=args.force)
+    scene = load_scene(image, masks, cfg.max_concepts)
     if len(args.init_token) > scene.num_concepts:
         raise BreakSceneError(f"{len(args.init_token)} --init-token words for {scene.num_concepts} masks")
     start = time.perf_counter()
@@ -126,35 +171,90 @@ def cmd_extract(args) -> int:
     print(f"loss (last step): {result.final_loss:.4f}")
     for c in result.concepts:
         print(f"  {c['token']}: attention IoU {c['attention_iou']:.3f}, assigned to mask {c['assigned_mask']}")
-    print(f"seconds: {time.perf_counter() - start:.1f} "
-          f"(phase 1 {result.timings['phase1']:.1f}, phase 2 {result.timings['phase2']:.1f})")
+    print(time_report(time.perf_counter() - start, result.timings))
     return 0
+
+
+TIME_PARTS = (("model_load", "model load"), ("class_images", "class images"), ("prepare", "prepare"),
+              ("phase1", "phase 1"), ("phase2", "phase 2"), ("diagnostic", "diagnostic"), ("grid", "grid"),
+              ("bundle_write", "bundle write"))
+
+
+def time_report(total: float, timings: dict) -> str:
+    """Where an extraction's seconds went; "other" is what no part accounts for."""
+    parts = [(label, timings[key]) for key, label in TIME_PARTS if key in timings]
+    other = total - sum(sec for _, sec in parts)
+    return (f"seconds: {total:.1f} (" + ", ".join(f"{label} {sec:.1f}" for label, sec in parts)
+            + f", other {max(other, 0.0):.1f})")
 
 
 def cmd_generate(args) -> int:
     from .bundle import load_bundle_pipeline
     from .generate import generate_images, labelled_grid
+    from .schedulers import sampler_name
     from .storage import write_bytes
 
     if args.num_images < 1:
         raise BreakSceneError("--num-images must be at least 1")
-    pipe, info = load_bundle_pipeline(args.bundle, args.device)
+    if args.steps is not None and args.steps < 1:
+        raise BreakSceneError("--steps must be at least 1")
+    for flag, value in (("--height", args.height), ("--width", args.width)):
+        if value is not None and (value < 8 or value % 8):
+            raise BreakSceneError(f"{flag} {value} must be a positive multiple of 8")
+    if args.lora_scale is not None and not math.isfinite(args.lora_scale):
+        raise BreakSceneError(f"--lora-scale {args.lora_scale} must be a finite number")
+    from .models import pick_device
+
+    pick_device(args.device)  # a bad --device is reported before the bundle is loaded
+    pipe, info = load_bundle_pipeline(args.bundle, args.device, sampler=args.scheduler)
     unknown = [t for t in re.findall(r"<asset\d+>", args.prompt) if t not in info["tokens"]]
     if unknown:
         raise BreakSceneError(f"prompt uses {', '.join(unknown)}, not in this bundle ({', '.join(info['tokens'])})")
+    if args.lora_scale is not None and not info["files"].get("lora"):
+        raise BreakSceneError(f"--lora-scale: bundle {args.bundle} has no LoRA (phase 2 mode {info['phase2_mode']})")
+    # defaults: the settings the bundle's grid was sampled with (version 1 bundles: DDIM, 25 steps)
+    recorded = info.get("sampler") or {"num_inference_steps": 25, "guidance_scale": 7.5}
+    steps = args.steps or recorded["num_inference_steps"]
+    guidance = recorded["guidance_scale"] if args.guidance_scale is None else args.guidance_scale
+    height, width = args.height or info["resolution"], args.width or info["resolution"]
     seeds = list(range(args.seed, args.seed + args.num_images))
-    images = generate_images(pipe, args.prompt, seeds, args.steps, args.guidance_scale, info["resolution"])
-    out = images[0] if len(images) == 1 else labelled_grid([(args.prompt, images)], cell=images[0].width)
+    images = generate_images(pipe, args.prompt, seeds, steps, guidance, height=height, width=width,
+                             negative_prompt=args.negative_prompt, lora_scale=args.lora_scale)
+    out = images[0] if len(images) == 1 else labelled_grid([(args.prompt, images)], cell=(width, height))
     buf = io.BytesIO()
     out.save(buf, format="PNG")
     write_bytes(args.out, buf.getvalue())
-    print(json.dumps({"out": args.out, "seeds": seeds, "tokens": info["tokens"]}))
+    print(json.dumps({"out": args.out, "seeds": seeds, "tokens": info["tokens"], "scheduler": sampler_name(pipe.scheduler),
+                      "steps": steps, "guidance_scale": guidance, "height": height, "width": width,
+                      "negative_prompt": args.negative_prompt, "lora_scale": args.lora_scale}))
+    return 0
+
+
+def cmd_export_base(args) -> int:
+    from .errors import OutputError
+    from .models import load_models
+    from .outputs import check_output_dir
+    from .presets import PRESETS
+    from .storage import exists, join, publish_dir
+
+    marker = "model_index.json"  # diffusers writes it with every pipeline folder
+    if args.preset not in PRESETS:
+        raise BreakSceneError(f"unknown preset {args.preset!r}: presets are {', '.join(PRESETS)}")
+    if exists(join(args.out, marker)) and not args.force:
+        raise OutputError(f"{args.out} already holds a diffusers folder; pass --force to replace it")
+    check_output_dir(args.out, marker=marker, replace=True, what="DIR")
+    with tempfile.TemporaryDirectory(prefix="export-base-") as tmp:
+        load_models(args.preset).save_pretrained(tmp)
+        publish_dir(Path(tmp), args.out, marker)
+    print(json.dumps({"out": args.out, "preset": args.preset,
+                      "load": f"StableDiffusionPipeline.from_pretrained({args.out!r})"}))
     return 0
 
 
 def run(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> int:
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    args = finish_parser(parser).parse_args(argv)
+    setup_logging(args)
+    log.debug("breakscene %s: %s", package_version(), args.command)
     try:
         return args.func(args)
     except BreakSceneError as exc:
@@ -168,6 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     add_extract_parser(sub)
     add_generate_parser(sub)
+    add_export_base_parser(sub)
     return parser
 
 

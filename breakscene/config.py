@@ -10,6 +10,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from .schedulers import SamplerName
+
 
 class StrictModel(BaseModel):
     """Base for all configs: unknown keys are an error, not silently ignored."""
@@ -87,9 +89,10 @@ class ExtractConfig(StrictModel):
     diagnostic_timesteps: tuple[int, ...] = (100, 300, 500, 700)
     diagnostic_seed: int = 1234
     diagnostic_threshold: float = Field(0.5, gt=0, lt=1)
-    # Sample grid written with every bundle.
+    # Sample grid written with every bundle: one batched call, one generator per seed.
     grid_seeds: int = Field(2, ge=0)
-    grid_inference_steps: int = Field(25, ge=1)
+    grid_inference_steps: int = Field(20, ge=1)
+    grid_scheduler: SamplerName = "dpm++"  # a name in schedulers.SCHEDULERS; recorded in the bundle
     guidance_scale: float = Field(7.5, ge=0)
 
     @model_validator(mode="after")

@@ -22,11 +22,12 @@ from safetensors.torch import save_file
 
 from . import bundle as bundle_io
 from . import masks as M
+from . import modelcard
 from . import prior as prior_io
 from .attention import AttentionStore, install_capture, token_maps
 from .config import ExtractConfig, RuntimeConfig
 from .errors import BreakSceneError, SceneError
-from .generate import fused_attention, make_pipeline, sample_grid
+from .generate import fused_attention, grid_batch, make_pipeline, sample_grid, sampler_record
 from .lora import add_lora, lora_state_dicts, remove_lora
 from .memory import GIB, predict_step_memory
 from .metrics import attention_diagnostic
@@ -373,8 +374,10 @@ class Extractor:
             prepared = prepare_scene(scene, resolution)
             words = self._init_tokens(n, init_words)
             data = self._scene_tensors(prepared, cfg)
-            cls = self._class_tensors(cfg, resolution) if cfg.prior.enabled else None
             timings["prepare"] = round(time.perf_counter() - clock, 3)
+            clock = time.perf_counter()  # generated once per extractor and setting, then cached
+            cls = self._class_tensors(cfg, resolution) if cfg.prior.enabled else None
+            timings["class_images"] = round(time.perf_counter() - clock, 3)
             m = self.models
 
             def step():
@@ -422,11 +425,11 @@ class Extractor:
                 clock = time.perf_counter()
                 result.evaluation = evaluate(self, data, n)
                 timings["evaluate"] = round(time.perf_counter() - clock, 3)
-            # 7. the bundle
+            # 7. the bundle (its sample grid timed on its own)
             if out is not None:
                 clock = time.perf_counter()
                 self._write_bundle(out, scene, prepared, cfg, result, resolution)
-                timings["bundle"] = round(time.perf_counter() - clock, 3)
+                timings["bundle_write"] = round(time.perf_counter() - clock - timings.get("grid", 0.0), 3)
             return result
         finally:
             # 8. pristine weights for the next scene, whatever happened
@@ -446,10 +449,10 @@ class Extractor:
         finally:
             unet.to(memory_format=torch.channels_last)
 
-    def pipeline(self):
+    def pipeline(self, sampler: str = "ddim"):
         """A generation pipeline over the current (trained) in-memory weights."""
         m = self.models
-        return make_pipeline(m.unet, m.vae, m.text_encoder, m.tokenizer, m.scheduler.config)
+        return make_pipeline(m.unet, m.vae, m.text_encoder, m.tokenizer, m.scheduler.config, sampler)
 
     def _write_bundle(self, out: str, scene: Scene, prepared: PreparedScene, cfg: ExtractConfig,
                       result: ExtractionResult, resolution: int) -> None:
@@ -463,38 +466,57 @@ class Extractor:
                 rel = f"embeddings/asset{i}.safetensors"
                 save_file({token: weight[self.token_ids[i]].float().cpu().contiguous()}, tmp / rel)
                 files["embeddings"].append(rel)
-            # Phase-2 weights.
+            # Phase-2 weights; LoRA at the root, where `pipe.load_lora_weights(bundle)` looks.
             if cfg.phase2_mode == "lora":
                 unet_sd, te_sd, meta = lora_state_dicts(self.models.unet, self.models.text_encoder
                                                         if cfg.lora.text_encoder else None)
                 from diffusers import StableDiffusionPipeline
 
-                StableDiffusionPipeline.save_lora_weights(tmp / "lora", unet_lora_layers=unet_sd,
+                StableDiffusionPipeline.save_lora_weights(tmp, unet_lora_layers=unet_sd,
                                                           text_encoder_lora_layers=te_sd, **meta)
-                files["lora"] = "lora"
+                files["lora"] = "pytorch_lora_weights.safetensors"
+                if not (tmp / files["lora"]).is_file():
+                    raise RuntimeError(f"diffusers wrote no {files['lora']}")
             else:
                 self.models.unet.save_pretrained(tmp / "unet")
                 bundle_io.save_text_encoder(self.models.text_encoder, self.base_embedding_rows, tmp / "text_encoder")
                 files["unet"], files["text_encoder"] = "unet", "text_encoder"
-            # Masks as used (after crop / resize) and the attention maps.
+            # The image and masks exactly as trained on (after orientation, crop and resize):
+            # the pixels are uint8 / 127.5 - 1, so the PNG holds them without loss.
+            image = ((prepared.pixels + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
+            Image.fromarray(image.permute(1, 2, 0).numpy()).save(tmp / "image.png")
+            files["image"] = "image.png"
             (tmp / "masks").mkdir()
             for i, mask in enumerate(prepared.masks):
                 rel = f"masks/mask{i}.png"
                 Image.fromarray((mask.numpy() * 255).astype(np.uint8)).save(tmp / rel)
                 files["masks"].append(rel)
-            save_file({"maps": torch.from_numpy(result.attention_maps).contiguous()}, tmp / "attention_maps.safetensors")
-            files["attention_maps"] = "attention_maps.safetensors"
-            # The sample grid.
-            if cfg.grid_seeds > 0:
+            # Diagnostics in their own folder: diffusers' LoRA loader reads the root's .safetensors.
+            (tmp / "diagnostics").mkdir()
+            files["attention_maps"] = "diagnostics/attention_maps.safetensors"
+            save_file({"maps": torch.from_numpy(result.attention_maps).contiguous()}, tmp / files["attention_maps"])
+            # The sample grid: one batched call; its sampler is saved for diffusers' loaders.
+            pipe = self.pipeline(cfg.grid_scheduler)
+            seeds = list(range(cfg.grid_seeds))
+            prompts, batch_seeds = grid_batch(result.tokens, seeds) if seeds else ([], [])
+            if seeds:
+                clock = time.perf_counter()
                 with fused_attention(self.models.unet), self._loaded_layout():
-                    grid = sample_grid(self.pipeline(), result.tokens, list(range(cfg.grid_seeds)),
-                                       cfg.grid_inference_steps, cfg.guidance_scale, resolution)
+                    grid = sample_grid(pipe, result.tokens, seeds, cfg.grid_inference_steps, cfg.guidance_scale,
+                                       resolution)
+                result.timings["grid"] = round(time.perf_counter() - clock, 3)
                 grid.save(tmp / "grid.png")
                 files["grid"] = "grid.png"
+            pipe.scheduler.save_pretrained(tmp / "scheduler")
+            files["scheduler"] = "scheduler"
+            sampler = sampler_record(pipe, steps=cfg.grid_inference_steps, guidance_scale=cfg.guidance_scale,
+                                     height=resolution, width=resolution, seeds=batch_seeds, prompts=prompts)
+            model_id, revision = self.models.model_id, self.models.revision
             manifest = bundle_io.manifest(
                 tokens=result.tokens, phase2_mode=cfg.phase2_mode, resolution=resolution,
-                model={"id": self.models.model_id, "revision": self.models.revision,
-                       "preset": self.models.is_preset},
+                model={"id": model_id, "revision": revision, "preset": self.models.is_preset,
+                       **bundle_io.base_reference(model_id, revision, self.models.is_preset)},
+                sampler=sampler,
                 config=cfg.model_dump(mode="json"), losses=result.losses, timings=result.timings,
                 runtime=result.runtime,
                 image={"name": scene.image_name, "sha256": scene.image_hash, "width": scene.image.width,
@@ -502,6 +524,10 @@ class Extractor:
                 concepts=[{**c, "mask": files["masks"][c["index"]]} for c in result.concepts],
                 files=files, warnings=scene.warnings,
             )
+            files["card"] = "README.md"
+            bundle_path, base, base_comment = bundle_io.card_paths(manifest, out)
+            (tmp / "README.md").write_text(modelcard.render(manifest, bundle_path=bundle_path, base=base,
+                                                            base_comment=base_comment))
             (tmp / bundle_io.MARKER).write_text(json.dumps(manifest, indent=2))
             publish_dir(tmp, out, bundle_io.MARKER)
         result.bundle_uri = out

@@ -16,16 +16,45 @@ MID_LOW, MID_HIGH = 32, 223
 MAX_MID_FRACTION = 0.10
 
 
-def mask_channel(img: Image.Image) -> np.ndarray:
-    """The uint8 plane that carries the mask: alpha if only alpha varies, else channel 0."""
-    arr = np.asarray(img)
-    if arr.ndim == 2:
-        return arr.astype(np.uint8) if arr.dtype != bool else arr.astype(np.uint8) * 255
-    if arr.shape[-1] in (2, 4):
-        alpha, color = arr[..., -1], arr[..., 0]
-        if alpha.min() != alpha.max() and color.min() == color.max():
+# Single-plane modes of more than 8 bits and their largest value ("I" is how 16-bit PNG
+# and TIFF files decode); float planes ("F") are 0..1, or 0..255 when they exceed 1.
+HIGH_DEPTH_RANGE = {"I;16": 65535, "I;16L": 65535, "I;16B": 65535, "I;16N": 65535, "I": 65535}
+
+
+def unit_plane(img: Image.Image) -> np.ndarray | None:
+    """A 16-bit, 32-bit or float plane as floats in [0, 1], scaled by its mode's range (not
+    clipped to 255); None for 8-bit modes, which PIL converts correctly itself."""
+    if img.mode not in HIGH_DEPTH_RANGE and img.mode != "F":
+        return None
+    arr = np.nan_to_num(np.asarray(img, dtype=np.float64))
+    full = HIGH_DEPTH_RANGE.get(img.mode) or (1.0 if arr.max(initial=0) <= 1.0 else 255.0)
+    return np.clip(arr / full, 0, 1)
+
+
+def has_alpha(img: Image.Image) -> bool:
+    return img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info
+
+
+def mask_plane(img: Image.Image) -> np.ndarray:
+    """The uint8 plane (0..255) that carries a mask, chosen by the file's mode: the alpha
+    channel when the file has one that is not constant (a cut-out), else the brightness
+    (the brightest channel of a colour mask) scaled by the mode's range. A plane with
+    exactly two levels, the lower one 0 (0/1 masks, a palette index, 0/38 colours), is
+    binary: every non-zero pixel is foreground."""
+    if has_alpha(img):
+        alpha = np.asarray(img.convert("RGBA").getchannel("A"))
+        if alpha.min() != alpha.max():
             return alpha
-    return arr[..., 0]
+    unit = unit_plane(img)
+    if unit is None:
+        if img.mode in ("1", "L"):
+            unit = np.asarray(img, dtype=np.float64) / (1 if img.mode == "1" else 255)
+        else:  # RGB, P (the palette's colours, not their indices), CMYK, ...
+            unit = np.asarray(img.convert("RGB")).max(axis=-1) / 255.0
+    levels = np.unique(unit)
+    if len(levels) == 2 and levels[0] == 0:
+        return (unit > 0).astype(np.uint8) * 255
+    return np.round(unit * 255).astype(np.uint8)
 
 
 def mid_fraction(plane: np.ndarray) -> float:
@@ -61,7 +90,27 @@ def encode_rle(mask: np.ndarray) -> dict:
     return {"size": [int(s) for s in rle["size"]], "counts": rle["counts"].decode("ascii")}
 
 
+def _coco_rle(mask) -> dict:
+    """pycocotools' own RLE (bytes counts) of a boolean mask or of a stored RLE dict."""
+    if isinstance(mask, dict):
+        counts = mask["counts"]
+        return {"size": list(mask["size"]), "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
+    return coco_mask.encode(np.asfortranarray(np.asarray(mask).astype(np.uint8)))
+
+
 def decode_rle(rle: dict) -> np.ndarray:
-    counts = rle["counts"]
-    obj = {"size": list(rle["size"]), "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
-    return coco_mask.decode(obj).astype(bool)
+    return coco_mask.decode(_coco_rle(rle)).astype(bool)
+
+
+def iou_matrix(rows: list, cols: list) -> np.ndarray:
+    """IoU of every mask in ``rows`` with every mask in ``cols`` (len(rows) x len(cols)),
+    by ``pycocotools.mask.iou`` on run-length encodings: masks may be HxW booleans or RLE
+    dicts as stored in the tables (no decoding). Equal to ``iou`` pair by pair (0 for two
+    empty masks)."""
+    if not rows or not cols:
+        return np.zeros((len(rows), len(cols)))
+    a, b = [_coco_rle(m) for m in rows], [_coco_rle(m) for m in cols]
+    sizes = {tuple(int(v) for v in r["size"]) for r in a + b}
+    if len(sizes) > 1:  # pycocotools would compare them anyway, wrongly
+        raise ValueError(f"masks of different sizes: {sorted(sizes)}")
+    return np.asarray(coco_mask.iou(a, b, [0] * len(b)), dtype=np.float64).reshape(len(a), len(b))

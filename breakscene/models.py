@@ -7,14 +7,13 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import fsspec
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from .errors import ModelLoadError
+from .errors import DeviceError, ModelLoadError
 from .presets import PRESETS, build_preset
-from .storage import atomic_local_dir, is_remote
+from .storage import atomic_local_dir, describe_error, filesystem, is_remote
 
 DEFAULT_MODEL = "stabilityai/stable-diffusion-2-1-base"
 
@@ -82,8 +81,12 @@ def _fetch_uri(uri: str) -> Path:
     target = cache_root() / "models" / key
     if target.is_dir():
         return target
-    fs, root = fsspec.core.url_to_fs(uri)
-    if not fs.isdir(root):
+    fs, root = filesystem(uri)  # with the storage timeouts: a silent server cannot hang the load
+    try:
+        is_folder = fs.isdir(root)
+    except Exception as exc:  # noqa: BLE001 - no credentials, timeouts, refused: said as such
+        raise ModelLoadError(f"model URI {uri!r} cannot be read: {describe_error(exc)[0]}") from None
+    if not is_folder:
         raise ModelLoadError(f"model URI {uri!r} is not a folder that can be read")
     with atomic_local_dir(target) as tmp:
         fs.get(root.rstrip("/") + "/", str(tmp), recursive=True)
@@ -108,6 +111,8 @@ def load_models(model: str = DEFAULT_MODEL, revision: str | None = None) -> Diff
     """Load UNet, VAE, text encoder, tokenizer and DDPM scheduler in fp32 on the CPU."""
     if model in PRESETS:
         unet, vae, text_encoder, tokenizer, scheduler = build_preset(model)
+        for module in (unet, vae, text_encoder):
+            module.eval()  # as from_pretrained leaves them: a preset runs like its exported folder
         return DiffusionModels(unet, vae, text_encoder, tokenizer, scheduler, model, None)
     if is_remote(model):
         return _load_folder(_fetch_uri(model), model, revision)
@@ -120,6 +125,21 @@ def load_models(model: str = DEFAULT_MODEL, revision: str | None = None) -> Diff
 
 
 def pick_device(requested: str | None = None) -> torch.device:
-    if requested:
-        return torch.device(requested)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """The requested device, checked against this machine; by default CUDA when present."""
+    if not requested:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(requested)
+    except (RuntimeError, ValueError, TypeError):
+        raise DeviceError(f"device {requested!r} is not a device: use cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise DeviceError(f"device {requested!r}: CUDA is not available on this machine (use cpu)")
+        if device.index is not None and device.index >= count:
+            raise DeviceError(f"device {requested!r}: this machine has {count} CUDA device(s), cuda:0..cuda:{count - 1}")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise DeviceError(f"device {requested!r}: MPS is not available on this machine (use cpu)")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise DeviceError(f"device {requested!r} is not supported: use cpu, cuda, cuda:N or mps")
+    return device

@@ -163,16 +163,17 @@ def boundary_f_score(pred: np.ndarray, gt: np.ndarray, tolerance: float | None =
     return float(2 * precision * recall / (precision + recall)) if precision + recall else 0.0
 
 
-def match_masks(candidates: list[np.ndarray], clean: list[np.ndarray]) -> list[int | None]:
+def match_masks(candidates: list, clean: list) -> list[int | None]:
     """Optimal one-to-one assignment of candidate masks to clean masks by IoU (Hungarian);
-    returns, per clean mask, the index of its candidate (None when unmatched or IoU 0)."""
+    returns, per clean mask, the index of its candidate (None when unmatched or IoU 0).
+    Masks are HxW booleans or stored COCO RLEs; IoUs come from pycocotools on the RLEs."""
     from scipy.optimize import linear_sum_assignment
 
-    from .masks import iou
+    from .masks import iou_matrix
 
     if not candidates:
         return [None] * len(clean)
-    scores = np.array([[iou(c, g) for c in candidates] for g in clean])
+    scores = iou_matrix(list(clean), list(candidates))
     rows, cols = linear_sum_assignment(-scores)
     out: list[int | None] = [None] * len(clean)
     for r, c in zip(rows, cols):

@@ -1,23 +1,24 @@
-"""Mask quality: geometric features of a mask and one documented score in [0, 1].
+"""Mask quality: one score that estimates the mask's IoU with the object, from the
+photograph and the mask only.
 
-The score multiplies terms that are each 1 for a clean object mask and fall towards 0
-as the mask gets worse:
+``quality`` is the predicted IoU in [0, 1] of a small versioned model
+(``breakscene/quality_model.py``, shipped as ``breakscene/data/quality_model_v1.json``,
+fitted and evaluated leave-one-scene-out by ``python -m benchmarks quality``) applied to:
 
-    quality = confidence x largest_component_fraction x (1 - hole_fraction)
-              x sqrt(compactness) x sqrt(1 - border_contact)
+- image evidence (``breakscene/quality_evidence.py``): edge alignment of the boundary,
+  colour and texture contrast across it, a colour model and GrabCut started from the mask,
+  agreement with superpixels;
+- shape terms of the mask alone (below): largest_component_fraction (share of the area in
+  the largest connected part), hole_fraction (share of the filled outline that is a hole),
+  compactness (4*pi*area / perimeter**2), roughness (1 - compactness), border_contact
+  (share of the image border the mask touches), n_components, area_fraction;
+- SAM's predicted_iou and stability_score where present (blended in with a fixed weight;
+  masks from users, the classical segmenter and the study have none).
 
-- confidence: SAM's predicted_iou x stability_score when present (clipped to [0, 1]),
-  else 1 (user masks and weight-free segmenters carry no self-assessment).
-- largest_component_fraction: share of the mask's area in its largest connected part.
-- hole_fraction: share of the filled outline that is a hole.
-- compactness: 4*pi*area / perimeter**2 (1 for a disc, near 0 for ragged outlines).
-- border_contact: share of the image border that the mask touches (background-like
-  regions hug the border).
-
-``center_fraction`` (the share of the mask inside the image's centre square, which is what
-the extractor trains on) is reported and used by selection, not by the score. Overlap
-with other masks is reported (``max_overlap``) and used by selection, not by
-the score, because it depends on the other masks rather than on this one.
+``quality_version`` names the model. ``center_fraction`` (share of the mask inside the
+image's centre square, which is what the extractor trains on) and ``max_overlap`` (with the
+image's other masks) are reported and used by selection, not by the score. The earlier,
+shape-only score is kept as ``shape_score`` (the benchmark's "old" column).
 """
 from __future__ import annotations
 
@@ -27,22 +28,31 @@ import numpy as np
 from scipy import ndimage
 from skimage import measure
 
+from .quality_evidence import ImageEvidence, empty_evidence, image_evidence, mask_evidence
+from .quality_model import QualityModel, load_model
 
-def mask_features(mask: np.ndarray, others: list[np.ndarray] = (), predicted_iou: float | None = None,
-                  stability_score: float | None = None, gt_masks: list[np.ndarray] = ()) -> dict:
-    mask = mask.astype(bool)
+SHAPE_COLUMNS = ["area_fraction", "center_fraction", "n_components", "largest_component_fraction",
+                 "hole_fraction", "compactness", "roughness", "border_contact", "max_overlap"]
+
+
+def shape_features(mask: np.ndarray, others: list[np.ndarray] = (), gt_masks: list[np.ndarray] = ()) -> dict:
+    """Geometric terms of one mask (no image needed), plus ``max_overlap`` with ``others``
+    and ``gt_iou`` with the best of ``gt_masks`` (None without ground truth)."""
+    mask = np.asarray(mask, bool)
     area = int(mask.sum())
     h, w = mask.shape
-    feats: dict = {"area_fraction": area / (h * w), "predicted_iou": predicted_iou,
-                   "stability_score": stability_score, "center_fraction": center_fraction(mask)}
+    feats: dict = {"area_fraction": area / (h * w), "center_fraction": center_fraction(mask)}
     if area == 0:
         feats.update(n_components=0, largest_component_fraction=0.0, hole_fraction=0.0, compactness=0.0,
-                     roughness=1.0, border_contact=0.0, max_overlap=0.0, quality=0.0, gt_iou=None)
+                     roughness=1.0, border_contact=0.0, max_overlap=0.0, gt_iou=None)
         return feats
-    labels, n = ndimage.label(mask)
+    # the mask's bounding box with a 1-pixel empty frame: same numbers, less work
+    rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
+    crop = np.pad(mask[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1], 1)
+    labels, n = ndimage.label(crop)
     largest = np.bincount(labels.ravel())[1:].max()
-    filled = ndimage.binary_fill_holes(mask)
-    perimeter = measure.perimeter(mask)
+    filled = ndimage.binary_fill_holes(crop)
+    perimeter = measure.perimeter(crop)
     compactness = min(1.0, 4 * math.pi * area / perimeter**2) if perimeter > 0 else 1.0
     border = np.concatenate([mask[0], mask[-1], mask[1:-1, 0], mask[1:-1, -1]])
     overlaps = [np.logical_and(mask, o).sum() / max(1, min(area, int(o.sum()))) for o in others]
@@ -56,8 +66,38 @@ def mask_features(mask: np.ndarray, others: list[np.ndarray] = (), predicted_iou
         max_overlap=float(max(overlaps, default=0.0)),
         gt_iou=max((_iou(mask, g) for g in gt_masks), default=None),
     )
-    feats["quality"] = quality_score(feats)
     return feats
+
+
+def mask_features(mask: np.ndarray, image: np.ndarray | ImageEvidence, *, others: list[np.ndarray] = (),
+                  predicted_iou: float | None = None, stability_score: float | None = None,
+                  gt_masks: list[np.ndarray] = (), model: QualityModel | None = None) -> dict:
+    """Shape terms, image evidence, SAM's scores and ``quality`` (the predicted IoU) of one
+    mask of ``image`` (an RGB array, or its ``image_evidence`` when scoring many masks)."""
+    model = model or load_model()
+    ev = image if isinstance(image, ImageEvidence) else image_evidence(image)
+    feats = shape_features(mask, others, gt_masks)
+    feats.update(predicted_iou=predicted_iou, stability_score=stability_score, quality_version=model.version)
+    if feats["area_fraction"] == 0:
+        feats.update(empty_evidence(), quality=0.0)
+        return feats
+    feats.update(mask_evidence(ev, mask))
+    feats["quality"] = model.predict(feats)
+    return feats
+
+
+def score_masks(image: np.ndarray, masks: list[np.ndarray], *, predicted_ious: list[float | None] | None = None,
+                stability_scores: list[float | None] | None = None, gt_masks: list[np.ndarray] = (),
+                model: QualityModel | None = None) -> list[dict]:
+    """``mask_features`` for every mask of one image, the image evidence computed once;
+    ``max_overlap`` is against the image's other masks."""
+    ev = image_evidence(image)
+    n = len(masks)
+    pious = predicted_ious or [None] * n
+    stabs = stability_scores or [None] * n
+    return [mask_features(m, ev, others=[o for j, o in enumerate(masks) if j != i], predicted_iou=pious[i],
+                          stability_score=stabs[i], gt_masks=gt_masks, model=model)
+            for i, m in enumerate(masks)]
 
 
 def center_fraction(mask: np.ndarray) -> float:
@@ -73,12 +113,17 @@ def _iou(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.logical_and(a, b).sum() / union) if union else 0.0
 
 
-def quality_score(f: dict) -> float:
+def shape_score(f: dict) -> float:
+    """The earlier, shape-only score (quality version "shape-v0"): SAM's confidence x
+    largest_component_fraction x (1 - hole_fraction) x sqrt(compactness) x
+    sqrt(1 - border_contact). Kept for comparison; it does not predict IoU."""
     conf = 1.0
     if f.get("predicted_iou") is not None:
         conf *= min(1.0, max(0.0, f["predicted_iou"]))
     if f.get("stability_score") is not None:
         conf *= min(1.0, max(0.0, f["stability_score"]))
+    if not f.get("area_fraction"):
+        return 0.0
     score = (conf * f["largest_component_fraction"] * (1 - f["hole_fraction"])
              * math.sqrt(f["compactness"]) * math.sqrt(1 - f["border_contact"]))
     return float(score)

@@ -8,19 +8,29 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
+import os
 import re
+import warnings as py_warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
 
 from . import masks as M
-from .errors import SceneError
+from .errors import SceneError, StorageError
 from .storage import read_bytes
 
 log = logging.getLogger(__name__)
+
+# One rule for every command (extract and the pipeline): the still-image formats read, by
+# PIL's format name, and the file extensions a scene folder's files may have (any case).
+SUPPORTED_FORMATS = frozenset({"JPEG", "MPO", "PNG", "WEBP", "BMP", "TIFF"})
+EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
+# Decompression bombs: images above this many pixels are refused before decoding (PIL's
+# default); BREAKSCENE_MAX_IMAGE_PIXELS overrides it (0: no limit).
+DEFAULT_MAX_IMAGE_PIXELS = 89_478_485
 
 
 @dataclass
@@ -37,13 +47,81 @@ class Scene:
         return int(self.masks.shape[0])
 
 
-def decode_image(data: bytes, name: str) -> Image.Image:
+def max_image_pixels() -> int | None:
+    raw = os.environ.get("BREAKSCENE_MAX_IMAGE_PIXELS", "")
     try:
-        img = Image.open(io.BytesIO(data))
-        img.load()
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
-        raise SceneError(f"image {name} cannot be decoded: {exc}") from None
+        limit = int(raw) if raw else DEFAULT_MAX_IMAGE_PIXELS
+    except ValueError:
+        raise SceneError(f"BREAKSCENE_MAX_IMAGE_PIXELS={raw!r} is not a whole number") from None
+    return limit if limit > 0 else None
+
+
+def _reason(exc: BaseException) -> str:
+    """An exception's message without object reprs such as ``<_io.BytesIO object at 0x...>``."""
+    text = re.sub(r"\s*<[^<>]* at 0x[0-9a-f]+>", "", str(exc)).strip()
+    return text or type(exc).__name__
+
+
+def open_image(data: bytes, name: str, what: str = "image") -> Image.Image:
+    """Decode an image or mask file as people see it: format checked, size checked against
+    the pixel limit before decoding, EXIF orientation applied (masks are drawn on the
+    displayed photo)."""
+    limit = max_image_pixels()
+    Image.MAX_IMAGE_PIXELS = limit  # PIL's own check, at twice the limit, agrees with ours
+    try:
+        with py_warnings.catch_warnings():
+            py_warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            pixels = img.width * img.height
+            if limit and pixels > limit:
+                raise SceneError(f"{what} {name} has {pixels} pixels, over the limit {limit} "
+                                 "(set BREAKSCENE_MAX_IMAGE_PIXELS to raise it)")
+            if img.format not in SUPPORTED_FORMATS:
+                raise SceneError(f"{what} {name} has unsupported format {img.format} "
+                                 f"(supported: {', '.join(sorted(SUPPORTED_FORMATS))})")
+            img.load()
+            return ImageOps.exif_transpose(img)
+    except Image.DecompressionBombError as exc:
+        found = re.search(r"\((\d+) pixels\)", str(exc))
+        raise SceneError(f"{what} {name} has {found.group(1) if found else 'too many'} pixels, over the limit "
+                         f"{limit} (set BREAKSCENE_MAX_IMAGE_PIXELS to raise it)") from None
+    except UnidentifiedImageError:
+        raise SceneError(f"{what} {name} cannot be decoded: not an image file "
+                         f"({', '.join(sorted(SUPPORTED_FORMATS))})") from None
+    except (OSError, ValueError, SyntaxError, TypeError, IndexError, ZeroDivisionError) as exc:
+        raise SceneError(f"{what} {name} cannot be decoded: {_reason(exc)}") from None
+
+
+def to_rgb(img: Image.Image, name: str, warnings: list[str] | None = None) -> Image.Image:
+    """RGB of any mode: 16-bit and float planes scaled by their range (not clipped to white),
+    CMYK and other colour profiles converted to sRGB, alpha dropped with a warning."""
+    notes: list[str] = []
+    unit = M.unit_plane(img)
+    if unit is not None:
+        img = Image.fromarray(np.round(unit * 255).astype(np.uint8), "L")
+    if M.has_alpha(img):
+        alpha = img.convert("RGBA").getchannel("A")
+        if alpha.getextrema() != (255, 255):
+            notes.append(f"image {name} has transparency: alpha dropped (transparent pixels keep their stored colour)")
+        img = img.convert("RGBA").convert("RGB")  # the stored colours (a palette's, resolved)
+    icc = img.info.get("icc_profile")
+    if icc:
+        try:
+            profile = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+            if "srgb" not in ImageCms.getProfileDescription(profile).lower():
+                img = ImageCms.profileToProfile(img, profile, ImageCms.createProfile("sRGB"), outputMode="RGB")
+        except (ImageCms.PyCMSError, OSError, ValueError) as exc:
+            notes.append(f"image {name}: its colour profile could not be applied ({_reason(exc)}): dropped")
+    for note in notes:
+        log.warning(note)
+    if warnings is not None:
+        warnings.extend(notes)
     return img.convert("RGB")
+
+
+def decode_image(data: bytes, name: str, warnings: list[str] | None = None) -> Image.Image:
+    """An encoded image as the RGB picture people see (see ``open_image`` and ``to_rgb``)."""
+    return to_rgb(open_image(data, name, "image"), name, warnings)
 
 
 def _read(uri: str, what: str) -> bytes:
@@ -51,13 +129,17 @@ def _read(uri: str, what: str) -> bytes:
         return read_bytes(str(uri))
     except FileNotFoundError:
         raise SceneError(f"{what} {uri} does not exist") from None
+    except IsADirectoryError:
+        raise SceneError(f"{what} {uri} is a folder, not a file") from None
+    except StorageError as exc:
+        raise SceneError(f"{what} {exc}") from None
     except (OSError, PermissionError) as exc:
-        raise SceneError(f"{what} {uri} cannot be read: {exc}") from None
+        raise SceneError(f"{what} {uri} cannot be read: {_reason(exc)}") from None
 
 
 def mask_from_image(img: Image.Image, name: str, size: tuple[int, int], warnings: list[str]) -> np.ndarray:
     """Boolean mask of ``size`` (w, h) from a mask image; checks it binarises and is non-empty."""
-    plane = M.mask_channel(img)
+    plane = M.mask_plane(img)
     frac = M.mid_fraction(plane)
     if frac > M.MAX_MID_FRACTION:
         raise SceneError(f"mask {name} does not binarise: {frac:.0%} of its pixels are neither "
@@ -69,7 +151,10 @@ def mask_from_image(img: Image.Image, name: str, size: tuple[int, int], warnings
         warnings.append(msg)
         mask = M.resize_mask(mask, size)
     if not mask.any():
-        raise SceneError(f"mask {name} is empty (no foreground pixel)")
+        if plane.max() == 0:
+            raise SceneError(f"mask {name} is empty (no foreground pixel)")
+        raise SceneError(f"mask {name} has no pixel above half brightness (its brightest is {plane.max()} "
+                         "of 255): a mask is white, or opaque, on black")
     return mask
 
 
@@ -80,8 +165,8 @@ def build_scene(image_bytes: bytes, image_name: str, masks: list[tuple[str, Imag
         raise SceneError(f"image {image_name} has no masks: at least one concept mask is needed")
     if len(masks) > max_concepts:
         raise SceneError(f"image {image_name} has {len(masks)} masks, more than max_concepts={max_concepts}")
-    image = decode_image(image_bytes, image_name)
     warnings: list[str] = []
+    image = decode_image(image_bytes, image_name, warnings)
     arrays = []
     for name, m in masks:
         img = Image.fromarray(m.astype(np.uint8) * 255) if isinstance(m, np.ndarray) else m
@@ -91,13 +176,7 @@ def build_scene(image_bytes: bytes, image_name: str, masks: list[tuple[str, Imag
 
 
 def load_mask_image(uri: str) -> Image.Image:
-    data = _read(uri, "mask")
-    try:
-        img = Image.open(io.BytesIO(data))
-        img.load()
-        return img
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
-        raise SceneError(f"mask {uri} cannot be decoded: {exc}") from None
+    return open_image(_read(uri, "mask"), uri, "mask")
 
 
 def load_scene(image: str, masks: list[str], max_concepts: int = 4) -> Scene:
@@ -108,18 +187,32 @@ def load_scene(image: str, masks: list[str], max_concepts: int = 4) -> Scene:
 
 
 def scene_dir_files(folder: str | Path) -> tuple[str, list[str]]:
-    """The authors' layout: ``img.jpg`` (or .png/.jpeg) and ``mask0.png``, ``mask1.png``, ..."""
+    """The authors' layout: ``img.jpg`` and ``mask0.png``, ``mask1.png``, ... Any supported
+    extension, in any case (``mask1.PNG`` is mask 1); the masks in the order of their numbers."""
     folder = Path(folder)
-    if not folder.is_dir():
+    if not folder.exists():
         raise SceneError(f"scene folder {folder} does not exist")
-    images = [folder / n for n in ("img.jpg", "img.jpeg", "img.png") if (folder / n).is_file()]
+    if not folder.is_dir():
+        raise SceneError(f"scene folder {folder} is not a folder (give the image with --image and --mask)")
+    ext = "|".join(re.escape(e[1:]) for e in EXTENSIONS)
+    files = sorted(p for p in folder.iterdir() if p.is_file())
+    images = [p for p in files if re.fullmatch(rf"img\.({ext})", p.name, re.IGNORECASE)]
     if not images:
-        raise SceneError(f"scene folder {folder} has no img.jpg / img.png")
-    numbered = [(int(m.group(1)), p) for p in folder.iterdir()
-                if (m := re.fullmatch(r"mask(\d+)\.png", p.name))]
+        raise SceneError(f"scene folder {folder} has no img.jpg / img.png ({', '.join(EXTENSIONS)}, any case)")
+    if len(images) > 1:
+        raise SceneError(f"scene folder {folder} has several images ({', '.join(p.name for p in images)}): keep one")
+    numbered: dict[int, Path] = {}
+    for p in files:
+        m = re.fullmatch(rf"mask(\d+)\.({ext})", p.name, re.IGNORECASE)
+        if not m:
+            continue
+        if int(m.group(1)) in numbered:
+            raise SceneError(f"scene folder {folder} has two files for mask {int(m.group(1))}: "
+                             f"{numbered[int(m.group(1))].name} and {p.name}")
+        numbered[int(m.group(1))] = p
     if not numbered:
         raise SceneError(f"scene folder {folder} has no mask0.png")
-    return str(images[0]), [str(p) for _, p in sorted(numbered)]
+    return str(images[0]), [str(numbered[i]) for i in sorted(numbered)]
 
 
 def load_scene_dir(folder: str | Path, max_concepts: int = 4) -> Scene:

@@ -1,20 +1,38 @@
-"""Paths and URIs through fsspec, with atomic commits.
+"""Paths and URIs through fsspec, with atomic commits, timeouts and bounded retries.
 
 A local folder is committed by renaming a finished temporary folder into place. An
-object store has no atomic folder rename, so a folder is uploaded file by file with its
-marker file (e.g. ``bundle.json``) put last: a folder without its marker is incomplete,
-is never read as a result, and is cleared by the next attempt.
+object store has no atomic folder rename, so a folder is uploaded file by file: a small
+``PARTIAL`` object first (so that an interrupted upload is recognisably ours), then the
+files, then its marker file (e.g. ``bundle.json``), and ``PARTIAL`` is removed last. A
+folder without its marker is incomplete and never read as a result. Only a folder that
+holds the marker or ``PARTIAL`` is ever replaced: what the project did not write is never
+deleted.
+
+Every remote call has connect and read timeouts and a bounded retry with backoff
+(``DEFAULT_TIMEOUT_S`` / ``DEFAULT_RETRIES``; ``BREAKSCENE_IO_TIMEOUT_S`` /
+``BREAKSCENE_IO_RETRIES`` in the environment, or ``configure(timeout_s=, retries=)``
+from a job file). A remote failure is a ``StorageError`` naming the URI and what happened.
 """
 from __future__ import annotations
 
 import contextlib
 import os
 import shutil
+import time
 import uuid
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator, TypeVar
 
 import fsspec
+
+from .errors import BreakSceneError, OutputError, StorageError
+
+T = TypeVar("T")
+DEFAULT_TIMEOUT_S = 30.0  # per request: connecting, and each wait for data
+DEFAULT_RETRIES = 2  # attempts after the first, for timeouts, refused connections and 5xx
+BACKOFF_S = 0.5  # waits 0.5 s, 1 s, 2 s, ... between attempts
+PARTIAL = ".breakscene-partial"  # written first into a remote folder being uploaded, removed last
+_IO: dict = {"timeout_s": None, "retries": None}
 
 
 def is_remote(uri: str) -> bool:
@@ -28,28 +46,115 @@ def join(uri: str, *parts: str) -> str:
     return out
 
 
+def io_settings() -> tuple[float, int]:
+    """(timeout in seconds, retries): ``configure``'s, else the environment's, else the defaults."""
+    values = []
+    for key, env, default, kind in (("timeout_s", "BREAKSCENE_IO_TIMEOUT_S", DEFAULT_TIMEOUT_S, float),
+                                    ("retries", "BREAKSCENE_IO_RETRIES", DEFAULT_RETRIES, int)):
+        value = _IO[key]
+        if value is None:
+            raw = os.environ.get(env, "")
+            try:
+                value = kind(raw) if raw else default
+            except ValueError:
+                raise BreakSceneError(f"{env}={raw!r} is not a number") from None
+        values.append(value)
+    timeout, retries = values
+    if timeout <= 0 or retries < 0:
+        raise BreakSceneError(f"storage timeout must be > 0 and retries >= 0 (got {timeout}, {retries})")
+    return float(timeout), int(retries)
+
+
+def _protocol_options(protocol: str, timeout: float, retries: int) -> dict:
+    """The fsspec options that bound a request's time for one protocol."""
+    if protocol in ("http", "https"):
+        import aiohttp
+
+        return {"client_kwargs": {"timeout": aiohttp.ClientTimeout(total=None, sock_connect=timeout,
+                                                                   sock_read=timeout)}}
+    if protocol in ("s3", "s3a"):
+        return {"config_kwargs": {"connect_timeout": timeout, "read_timeout": timeout,
+                                  "retries": {"max_attempts": retries + 1, "mode": "standard"}}}
+    return {}  # other protocols: their own defaults; the retries of ``_remote`` still apply
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
 def filesystem(uri: str):
-    """(fs, path) for a URI or local path."""
-    return fsspec.core.url_to_fs(uri)
+    """(fs, path) for a URI or local path, with this process's timeouts for remote protocols
+    (options given to ``configure`` win over the defaults, key by key)."""
+    protocol = fsspec.core.split_protocol(uri)[0] or "file"
+    if "::" in uri or protocol in ("file", "local", "memory"):
+        return fsspec.core.url_to_fs(uri)
+    timeout, retries = io_settings()
+    options = _merge(_protocol_options(protocol, timeout, retries), fsspec.config.conf.get(protocol, {}))
+    return fsspec.core.url_to_fs(uri, **options)
+
+
+_NOT_TRANSIENT = (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError, BreakSceneError)
+
+
+def describe_error(exc: BaseException) -> tuple[str, bool]:
+    """(what happened in words, whether another attempt may succeed) for a remote failure."""
+    timeout, _ = io_settings()
+    name = type(exc).__name__
+    status = getattr(exc, "status", None)
+    if isinstance(status, int):  # aiohttp.ClientResponseError
+        return f"HTTP {status} {getattr(exc, 'message', '') or ''}".strip(), status >= 500 or status == 429
+    if isinstance(exc, TimeoutError) or "Timeout" in name:
+        return f"timed out: no answer within {timeout:g} s", True
+    if name == "NoCredentialsError" or ("credentials" in str(exc) and "Unable to locate" in str(exc)):
+        return ("no credentials (set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, an AWS profile, or "
+                "key/secret in the storage options)"), False
+    if isinstance(exc, ConnectionRefusedError) or "Connect" in name or "connect" in str(exc).lower():
+        return f"cannot connect ({str(exc).splitlines()[0][:200] or name})", True
+    text = str(exc).splitlines()[0][:200] if str(exc) else ""
+    return f"{name}: {text}" if text else name, isinstance(exc, ConnectionError)
+
+
+def _remote(uri: str, verb: str, call: Callable[[], T]) -> T:
+    """Run one remote call with bounded retries; errors that name a missing or forbidden
+    file pass through, every other failure becomes a StorageError naming ``uri``."""
+    _, retries = io_settings()
+    for attempt in range(retries + 1):
+        try:
+            return call()
+        except _NOT_TRANSIENT:
+            raise
+        except Exception as exc:  # noqa: BLE001 - classified below
+            reason, transient = describe_error(exc)
+            if not transient or attempt == retries:
+                tries = f" ({attempt + 1} attempts)" if attempt else ""
+                raise StorageError(f"{uri} cannot be {verb}: {reason}{tries}") from None
+        time.sleep(BACKOFF_S * 2 ** attempt)
+    raise AssertionError("unreachable")
 
 
 def exists(uri: str) -> bool:
     fs, path = filesystem(uri)
-    return fs.exists(path)
+    if not is_remote(uri):
+        return fs.exists(path)
+    return _remote(uri, "checked", lambda: fs.exists(path))
 
 
 def read_bytes(uri: str) -> bytes:
+    """The whole file. Missing: FileNotFoundError; any other remote failure: StorageError."""
     fs, path = filesystem(uri)
-    with fs.open(path, "rb") as fh:
-        return fh.read()
+    if not is_remote(uri):
+        return fs.cat_file(path)
+    return _remote(uri, "read", lambda: fs.cat_file(path))
 
 
 def write_bytes(uri: str, data: bytes) -> None:
     """Write one file atomically: a temporary name then rename (local), a single put (remote)."""
     fs, path = filesystem(uri)
     if is_remote(uri):
-        with fs.open(path, "wb") as fh:
-            fh.write(data)
+        _remote(uri, "written", lambda: fs.pipe_file(path, data))
         return
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -67,17 +172,59 @@ def remove(uri: str) -> None:
         fs.rm(path, recursive=True)
 
 
+def folder_state(uri: str, marker: str) -> str:
+    """What is at a folder location: "absent" (nothing, or an empty folder), "ours" (it holds
+    ``marker``, or is a remote upload of ours cut short: it holds ``PARTIAL``), "file", or
+    "foreign" (a folder holding other things: never to be replaced)."""
+    fs, root = filesystem(uri)
+    root = root.rstrip("/")
+    if not is_remote(uri):
+        path = Path(root)
+        if not path.exists():
+            return "absent"
+        if not path.is_dir():
+            return "file"
+        if (path / marker).is_file():
+            return "ours"
+        return "foreign" if any(path.iterdir()) else "absent"
+
+    def state() -> str:
+        fs.invalidate_cache()
+        if fs.exists(f"{root}/{marker}") or fs.exists(f"{root}/{PARTIAL}"):
+            return "ours"
+        if not fs.exists(root):
+            return "absent"
+        return "file" if fs.isfile(root) else ("foreign" if fs.find(root) else "absent")
+
+    return _remote(uri, "checked", state)
+
+
+def refuse_foreign(uri: str, state: str, marker: str) -> None:
+    if state == "file":
+        raise OutputError(f"{uri} is a file, not a folder: refusing to replace it")
+    if state == "foreign":
+        raise OutputError(f"{uri} holds files that this project did not write (no {marker}): refusing to "
+                          "replace it; choose a new or empty folder")
+
+
 @contextlib.contextmanager
-def atomic_local_dir(target: Path) -> Iterator[Path]:
-    """Yield a temporary sibling folder; on success it replaces ``target`` in one rename."""
+def atomic_local_dir(target: Path, *, marker: str | None = None) -> Iterator[Path]:
+    """Yield a temporary sibling folder; on success it replaces ``target`` in one rename.
+    An existing ``target`` is replaced only when it is empty or holds ``marker`` (what this
+    project wrote): anything else there is the user's and is never deleted."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")
+    refuse_foreign(str(target), folder_state(str(target), marker or PARTIAL), marker or "marker file")
     tmp.mkdir()
     try:
         yield tmp
-        if target.exists():
+        state = folder_state(str(target), marker or PARTIAL)
+        refuse_foreign(str(target), state, marker or "marker file")  # it may have changed meanwhile
+        if state == "ours":
             shutil.rmtree(target)
+        elif target.exists():
+            target.rmdir()  # empty
         os.replace(tmp, target)
     finally:
         if tmp.exists():
@@ -85,25 +232,38 @@ def atomic_local_dir(target: Path) -> Iterator[Path]:
 
 
 def publish_dir(local_dir: Path, uri: str, marker: str) -> None:
-    """Commit a finished local folder to ``uri`` so that ``marker`` appears last."""
+    """Commit a finished local folder to ``uri`` so that ``marker`` appears last. Whatever is
+    at ``uri`` is replaced only if this project wrote it (it holds ``marker`` or ``PARTIAL``)."""
     local_dir = Path(local_dir)
     if not (local_dir / marker).is_file():
         raise ValueError(f"{local_dir} has no {marker}: refusing to publish an unfinished folder")
     if not is_remote(uri):
         target = Path(filesystem(uri)[1])
-        with atomic_local_dir(target) as tmp:
+        with atomic_local_dir(target, marker=marker) as tmp:
             shutil.copytree(local_dir, tmp, dirs_exist_ok=True)
         return
+    state = folder_state(uri, marker)
+    refuse_foreign(uri, state, marker)
     fs, root = filesystem(uri)
-    if fs.exists(root):
-        fs.rm(root, recursive=True)  # a partial folder from an earlier, interrupted attempt
+    root = root.rstrip("/")
     try:
+        fs.pipe_file(f"{root}/{PARTIAL}", b"upload in progress; removed when the folder is complete\n")
+        if state == "ours":  # the old marker goes first: from here on the folder reads as incomplete
+            with contextlib.suppress(FileNotFoundError):
+                fs.rm_file(f"{root}/{marker}")
+            fs.invalidate_cache()
+            for path in fs.find(root):
+                if not path.endswith(f"/{PARTIAL}"):
+                    fs.rm_file(path)
         for file in sorted(p for p in local_dir.rglob("*") if p.is_file() and p.name != marker):
             fs.put_file(str(file), f"{root}/{file.relative_to(local_dir).as_posix()}")
         fs.put_file(str(local_dir / marker), f"{root}/{marker}")
-    except BaseException:
+        fs.rm_file(f"{root}/{PARTIAL}")
+    except BaseException as exc:
         with contextlib.suppress(Exception):
-            fs.rm(root, recursive=True)
+            fs.rm(root, recursive=True)  # ours: PARTIAL was written before anything else
+        if isinstance(exc, Exception) and not isinstance(exc, BreakSceneError):
+            raise StorageError(f"{uri} cannot be written: {describe_error(exc)[0]}") from exc
         raise
 
 
@@ -117,7 +277,18 @@ def fetch_dir(uri: str, local_dir: Path) -> Path:
     return local_dir
 
 
-def configure(options: dict[str, dict]) -> None:
-    """Default fsspec options per protocol for this process (e.g. an S3 endpoint)."""
+def reset_io_settings() -> None:
+    """Forget ``configure``'s timeout and retries (the environment's or the defaults apply again)."""
+    _IO["timeout_s"] = _IO["retries"] = None
+
+
+def configure(options: dict[str, dict] | None, *, timeout_s: float | None = None,
+              retries: int | None = None) -> None:
+    """Default fsspec options per protocol for this process (e.g. an S3 endpoint), and the
+    timeout and retries of every remote call (None keeps the environment's or the default)."""
     for protocol, opts in (options or {}).items():
         fsspec.config.conf.setdefault(protocol, {}).update(opts)
+    if timeout_s is not None:
+        _IO["timeout_s"] = float(timeout_s)
+    if retries is not None:
+        _IO["retries"] = int(retries)

@@ -12,12 +12,20 @@ from breakscene.cli import validate_config
 from breakscene.config import ExtractConfig, RuntimeConfig, StrictModel
 from breakscene.errors import BreakSceneError
 from breakscene.models import DEFAULT_MODEL
+from breakscene.storage import DEFAULT_RETRIES, DEFAULT_TIMEOUT_S, configure
 
 
 class StorageConfig(StrictModel):
-    """fsspec options per protocol, e.g. {"s3": {"client_kwargs": {"endpoint_url": ...}}}."""
+    """fsspec options per protocol, e.g. {"s3": {"client_kwargs": {"endpoint_url": ...}}},
+    and the bounds of every remote call: connect and read timeout, retries with backoff."""
 
     options: dict[str, dict] = Field(default_factory=dict)
+    timeout_s: float = Field(DEFAULT_TIMEOUT_S, gt=0)  # per request: connecting, and each wait for data
+    retries: int = Field(DEFAULT_RETRIES, ge=0, le=10)  # after the first attempt (timeouts, refused, 5xx)
+
+    def apply(self) -> None:
+        """Make these the settings of this process (the driver, or a worker)."""
+        configure(self.options, timeout_s=self.timeout_s, retries=self.retries)
 
 
 class ModelConfig(StrictModel):
@@ -51,7 +59,9 @@ class SegmenterConfig(StrictModel):
 
 class SelectionConfig(StrictModel):
     max_concepts: int = Field(4, ge=1, le=16)
-    min_quality: float = Field(0.3, ge=0, le=1)
+    # quality is the mask's predicted IoU with its object (breakscene/quality.py, model
+    # quality-v1): below 0.5 a mask is more likely "bad" (IoU < 0.5) than usable.
+    min_quality: float = Field(0.5, ge=0, le=1)
     min_area: float = Field(0.02, ge=0, le=1)
     max_area: float = Field(0.6, gt=0, le=1)
     max_overlap: float = Field(0.1, ge=0, le=1)
@@ -68,7 +78,10 @@ class ResourcesConfig(StrictModel):
     segment_gpus: float | None = Field(None, ge=0)
     extract_actors: int = Field(1, ge=1)
     extract_gpus: float | None = Field(None, ge=0)
-    load_cpus: float = Field(0.5, gt=0)
+    load_cpus: float = Field(0.25, gt=0)  # per load task (I/O bound: a share of a CPU)
+    # The cluster adds nodes on demand (KubeRay / launcher autoscaler): its present size
+    # says nothing, so the resource plan is not fitted to it (pipeline/resources.py).
+    autoscaling: bool = False
 
 
 class DemoInputs(StrictModel):
@@ -79,10 +92,32 @@ class DemoInputs(StrictModel):
     size: int = Field(256, ge=64)
 
 
+class ManifestConfig(StrictModel):
+    """``manifest: URI`` or ``manifest: {uri: URI, columns: {image_uri: url, image_id: key}}``:
+    a file, a folder or a glob of shards, and which of its columns hold the project's."""
+
+    uri: str
+    columns: dict[str, str] = Field(default_factory=dict)  # project column -> manifest column
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_uri(cls, value):
+        return {"uri": value} if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _known(self) -> "ManifestConfig":
+        from .manifest import COLUMNS
+
+        unknown = sorted(set(self.columns) - set(COLUMNS))
+        if unknown:
+            raise ValueError(f"manifest.columns: unknown column(s) {', '.join(unknown)}; known: {', '.join(COLUMNS)}")
+        return self
+
+
 class JobConfig(StrictModel):
     kind: Literal["extract"] = "extract"
     name: str = "breakscene"
-    manifest: str | None = None
+    manifest: ManifestConfig | None = None
     demo_inputs: DemoInputs | None = None
     output: str
     storage: StorageConfig = Field(default_factory=StorageConfig)
@@ -92,6 +127,11 @@ class JobConfig(StrictModel):
     extract: ExtractConfig = Field(default_factory=ExtractConfig)
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
     force: bool = False  # redo images whose outputs are complete
+    # "score": load, segment, score and select only (images + masks tables, no diffusion model)
+    stop_after: Literal["score", "extract"] = "extract"
+    # `breakscene run` exits 3 when more than this share of the manifest's rows failed
+    # (0: any failure; a nightly job may allow some).
+    max_failed_fraction: float = Field(0.0, ge=0, le=1)
     runtime_env: dict = Field(default_factory=dict)  # for `breakscene submit`
 
     @model_validator(mode="after")
@@ -115,7 +155,10 @@ def load_job(path: str | Path, overrides: dict | None = None):
         raise BreakSceneError(f"job file {path} is not valid YAML: {exc}") from None
     if not isinstance(data, dict):
         raise BreakSceneError(f"job file {path} must be a mapping of settings")
-    data.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    if isinstance(overrides.get("manifest"), str) and isinstance(data.get("manifest"), dict):
+        overrides["manifest"] = {**data["manifest"], "uri": overrides["manifest"]}  # keep the column mapping
+    data.update(overrides)
     if data.get("kind") == "study":
         from .study import StudyConfig
 

@@ -1,24 +1,29 @@
-"""Per-image records (the unit of truth and the done-marker) and the Parquet tables
-built from them.
+"""Per-image records (the done-marker of an extraction) and the table rows they hold.
 
-Each processed image gets ``OUT/records/<image_id>.json``, written by the extract stage
-after its bundle is committed. A record with status ``ok`` or ``skipped`` marks the image
-done; a ``failed`` one is retried by the next run. The tables are rebuilt from all
-records at the end of each run, so every image appears exactly once whatever the runs'
-history (resumes, retries, killed drivers).
+Each extracted image gets ``OUT/records/<key>.json`` (``keys.storage_key`` of its id: an
+id is never a path as given), written by the extract stage after its bundle is committed.
+A record with status ``ok`` or ``skipped`` marks the image done for the extract stage's
+own check (a retried task, a driver killed before its commit). The tables themselves are
+Delta Lake tables (``pipeline/tables.py``), committed once per run from the rows the
+workers staged: a run never reads the records of earlier runs.
 """
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
+from breakscene.quality_evidence import EVIDENCE_COLUMNS
 from breakscene.storage import filesystem, join, write_bytes
 
+from . import tables as T
+from .keys import storage_key
+
 DONE_STATUSES = ("ok", "skipped")
+# a score-only run's outcome: masks scored and selected, not yet extracted
+SCORED = "scored"
+DONE_FOR = {"extract": DONE_STATUSES, "score": DONE_STATUSES + (SCORED,)}
 
 IMAGES_SCHEMA = pa.schema([
     ("image_id", pa.string()), ("image_uri", pa.string()), ("manifest_row", pa.int64()),
@@ -27,6 +32,8 @@ IMAGES_SCHEMA = pa.schema([
     ("n_concepts", pa.int32()), ("seconds_load", pa.float64()), ("seconds_segment", pa.float64()),
     ("seconds_score", pa.float64()), ("seconds_extract", pa.float64()), ("bundle_uri", pa.string()),
     ("run_id", pa.string()),
+    # where the row came from, and the manifest's own columns this project does not know (JSON)
+    ("manifest_file", pa.string()), ("meta", pa.string()),
 ])
 MASKS_SCHEMA = pa.schema([
     ("image_id", pa.string()), ("mask_index", pa.int32()), ("source", pa.string()),
@@ -35,7 +42,9 @@ MASKS_SCHEMA = pa.schema([
     ("hole_fraction", pa.float64()), ("compactness", pa.float64()), ("roughness", pa.float64()),
     ("border_contact", pa.float64()), ("max_overlap", pa.float64()), ("predicted_iou", pa.float64()),
     ("stability_score", pa.float64()), ("gt_iou", pa.float64()), ("quality", pa.float64()),
-    ("selected", pa.bool_()),
+    # quality = predicted IoU; the model's version and the image evidence it read
+    ("quality_version", pa.string()), *[(c, pa.float64()) for c in EVIDENCE_COLUMNS],
+    ("selected", pa.bool_()), ("run_id", pa.string()),
 ])
 CONCEPTS_SCHEMA = pa.schema([
     ("image_id", pa.string()), ("concept_index", pa.int32()), ("token", pa.string()), ("mask_index", pa.int32()),
@@ -52,11 +61,11 @@ def uri_id(uri: str) -> str:
 
 
 def record_uri(out: str, image_id: str) -> str:
-    return join(out, "records", f"{image_id}.json")
+    return join(out, "records", f"{storage_key(image_id)}.json")  # ids are data, never paths
 
 
 def bundle_uri(out: str, image_id: str) -> str:
-    return join(out, "bundles", image_id)
+    return join(out, "bundles", storage_key(image_id))
 
 
 def write_record(out: str, record: dict) -> str:
@@ -66,6 +75,8 @@ def write_record(out: str, record: dict) -> str:
 
 
 def read_records(out: str) -> dict[str, dict]:
+    """Every record under OUT/records (a tool for tests and benchmarks: runs never call
+    it, since it reads history object by object)."""
     fs, root = filesystem(join(out, "records"))
     if not fs.exists(root):
         return {}
@@ -80,36 +91,72 @@ def read_records(out: str) -> dict[str, dict]:
     return records
 
 
-def done_ids(out: str) -> set[str]:
-    return {i for i, r in read_records(out).items() if r["image"]["status"] in DONE_STATUSES}
-
-
-def _table(rows: list[dict], schema: pa.Schema) -> pa.Table:
-    return pa.Table.from_pylist([{k: r.get(k) for k in schema.names} for r in rows], schema=schema)
-
-
-def write_tables(out: str, records: list[dict], extra_images: list[dict] = ()) -> dict[str, int]:
-    """Rebuild OUT/images, OUT/masks and OUT/concepts (one Parquet file each) from records."""
+def table_rows(records: list[dict], extra_images: list[dict] = ()) -> dict[str, pa.Table]:
+    """The three tables' rows held by ``records`` (missing columns null, ``error`` null
+    rather than empty on rows that did not fail)."""
     rows = {
         "images": [r["image"] for r in records] + list(extra_images),
         "masks": [m for r in records for m in r.get("masks", [])],
         "concepts": [c for r in records for c in r.get("concepts", [])],
     }
-    counts = {}
+    out = {}
     for name, schema in TABLES.items():
-        table = _table(sorted(rows[name], key=_sort_key), schema)
-        buf = io.BytesIO()
-        pq.write_table(table, buf)
-        write_bytes(join(out, name, "part-0.parquet"), buf.getvalue())
-        counts[name] = table.num_rows
-    return counts
+        cols = schema.names
+        out[name] = pa.Table.from_pylist([{k: _clean(k, r.get(k)) for k in cols} for r in rows[name]], schema=schema)
+    return out
 
 
-def _sort_key(row: dict):
-    return (row.get("image_id") or "", row.get("mask_index", row.get("concept_index", 0)) or 0,
-            row.get("manifest_row") or 0)
+def _clean(column: str, value):
+    return None if column == "error" and value == "" else value
 
 
-def read_table(out: str, name: str) -> pa.Table:
-    fs, root = filesystem(join(out, name))
-    return pq.read_table(root, filesystem=fs)
+def write_tables(out: str, records: list[dict], extra_images: list[dict] = (), *, run_id: str = "records") -> dict[str, int]:
+    """Commit the rows held by ``records`` into the Delta tables (one commit per table;
+    images already in the tables are replaced). Returns each table's current row count."""
+    tables = table_rows(records, extra_images)
+    ids = tables["images"].column("image_id")
+    known = scan_images(out, columns=["image_id"]).column("image_id")
+    import pyarrow.compute as pc
+
+    replace = set(pc.filter(ids, pc.is_in(ids, value_set=known)).to_pylist()) if len(known) else set()
+    for name in sorted(TABLES, key=lambda n: n == "images"):
+        T.commit(out, name, TABLES[name], tables[name], run_id=run_id, replace_ids=replace)
+    return T.counts(out, TABLES)
+
+
+def scan_images(out: str, columns=("image_id", "status")) -> pa.Table:
+    """A few columns of the current images table: how a run finds what is done."""
+    return T.read_table(out, "images", IMAGES_SCHEMA, columns=list(columns))
+
+
+def done_ids(out: str, stop_after: str = "extract") -> pa.Array:
+    """Ids whose current images row needs no more work for a run that stops after
+    ``stop_after`` (one scan of two columns of the images table)."""
+    import pyarrow.compute as pc
+
+    t = scan_images(out)
+    return pc.filter(t.column("image_id"), pc.is_in(t.column("status"), pa.array(DONE_FOR[stop_after]))).combine_chunks()
+
+
+def read_table(out: str, name: str, version: int | None = None) -> pa.Table:
+    """The current rows of table ``name`` (or those of an earlier ``version``)."""
+    return T.read_table(out, name, TABLES[name], version=version)
+
+
+def clear_partial_bundle(out: str, image_id: str) -> int:
+    """Remove what a killed attempt left of this image's bundle: local temporary folders
+    beside it (an object store's partial prefix is replaced when the bundle is published).
+    Only this image's names are touched; no listing of other bundles."""
+    from breakscene.storage import is_remote
+
+    if is_remote(out):
+        return 0
+    import glob
+    import shutil
+
+    target = bundle_uri(out, image_id)
+    parent, name = target.rsplit("/", 1)
+    leftovers = glob.glob(f"{glob.escape(parent)}/.{glob.escape(name)}.tmp-*")
+    for path in leftovers:
+        shutil.rmtree(path, ignore_errors=True)
+    return len(leftovers)

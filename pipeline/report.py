@@ -9,11 +9,14 @@ HTML page (figures embedded), the figures as PNG, and a Markdown summary.
   interpolation between bins; "not reached" when the noisiest bin is still within 10%.
 - A table per family and axis setting (cells, mean mask IoU, mean of each metric).
 - Sample grids (each bundle's grid.png) side by side across severities for a few scenes.
+
+The bands are ``scipy.stats.bootstrap`` (percentile method); the page is the Jinja2
+template ``templates/report.html.j2``, which lists figures from ``_figures`` (one entry per
+figure: a new figure needs no template change).
 """
 from __future__ import annotations
 
 import base64
-import html
 import io
 import json
 from pathlib import Path
@@ -46,10 +49,16 @@ def load_measurements(uri: str) -> pd.DataFrame:
 
 
 def bootstrap_ci(values: np.ndarray, rng: np.random.Generator, n: int = 1000) -> tuple[float, float]:
+    """95% bootstrap interval of the mean. Percentile method: bins hold few points (often
+    2 or 3) and BCa is undefined on them; a single point is its own interval."""
+    from scipy.stats import bootstrap
+
+    values = np.asarray(values, dtype=float)
     if len(values) < 2:
         return float(values.mean()), float(values.mean())
-    means = rng.choice(values, size=(n, len(values)), replace=True).mean(axis=1)
-    return float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))
+    ci = bootstrap((values,), np.mean, n_resamples=n, confidence_level=0.95, method="percentile",
+                   rng=rng).confidence_interval
+    return float(ci.low), float(ci.high)
 
 
 def binned(df: pd.DataFrame, metric: str, rng: np.random.Generator) -> pd.DataFrame:
@@ -122,6 +131,40 @@ def metric_figure(ok: pd.DataFrame, metric: str, families: list[str], rng) -> tu
     return png, thresholds
 
 
+def quality_figure(df: pd.DataFrame, families: list[str]) -> tuple[bytes, dict]:
+    """The pipeline's predicted mask quality against the true mask IoU, one panel per family
+    (clean masks in every panel), with the Spearman correlation: how far to trust the score."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from scipy.stats import spearmanr
+
+    d = df[["family", "mask_iou", "predicted_quality"]].dropna()
+    clean = d[d["family"] == "clean"]
+    cols = min(4, max(1, len(families)))
+    rows_n = int(np.ceil(max(1, len(families)) / cols))
+    fig, axes = plt.subplots(rows_n, cols, figsize=(3.0 * cols, 2.8 * rows_n), squeeze=False)
+    spearman = {}
+    for ax, family in zip(axes.flat, families):
+        data = pd.concat([clean, d[d["family"] == family]])
+        x, y = data["mask_iou"].astype(float), data["predicted_quality"].astype(float)
+        rho = spearmanr(x, y)[0] if len(data) > 2 and x.nunique() > 1 and y.nunique() > 1 else None
+        spearman[family] = None if rho is None or np.isnan(rho) else round(float(rho), 3)
+        ax.scatter(x, y, s=8, alpha=0.4, color="C0")
+        ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls="--")
+        ax.set_xlim(0, 1.02)
+        ax.set_ylim(0, 1.02)
+        ax.set_title(f"{family} (Spearman {spearman[family]})", fontsize=9)
+        ax.set_xlabel("true mask IoU", fontsize=8)
+    for ax in list(axes.flat)[len(families):]:
+        ax.axis("off")
+    axes[0][0].set_ylabel("predicted quality", fontsize=8)
+    png = _png(fig)
+    plt.close(fig)
+    return png, spearman
+
+
 def family_table(ok: pd.DataFrame, metrics: list[str]) -> pd.DataFrame:
     axis_cols = [c for c in ok.columns if c.startswith("axis_")]
     keys = ["family"] + axis_cols
@@ -160,6 +203,11 @@ def build_report(results_uri: str, out_dir: str | Path) -> dict:
         png, thresholds[metric] = metric_figure(ok, metric, families, rng)
         (out_dir / "figures" / f"{metric}.png").write_bytes(png)
         figures[metric] = png
+    quality_spearman = None
+    if "predicted_quality" in df and df["predicted_quality"].notna().any():
+        png, quality_spearman = quality_figure(df, families)
+        (out_dir / "figures" / "predicted_quality.png").write_bytes(png)
+        figures["predicted_quality"] = png
     table = family_table(ok, metrics)
     grids = sample_grids(ok)
     threshold_rows = [{"metric": m, **{f: ("not reached" if v is None else round(v, 3)) for f, v in t.items()}}
@@ -167,7 +215,8 @@ def build_report(results_uri: str, out_dir: str | Path) -> dict:
     (out_dir / "summary.md").write_text(_markdown(df, ok, skipped, threshold_rows, table))
     (out_dir / "index.html").write_text(_html(results_uri, df, ok, skipped, figures, threshold_rows, table, grids))
     summary = {"rows": len(df), "ok_rows": len(ok), "skipped_cells": len(skipped), "metrics": metrics,
-               "families": families, "iou_at_10pct_loss": thresholds}
+               "families": families, "iou_at_10pct_loss": thresholds,
+               "predicted_quality_spearman": quality_spearman}
     (out_dir / "report.json").write_text(json.dumps(summary, indent=2))
     return summary
 
@@ -184,30 +233,32 @@ def _markdown(df, ok, skipped, threshold_rows, table) -> str:
     return "\n".join(lines)
 
 
-def _img(data: bytes, alt: str) -> str:
-    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(data).decode()}">'
+def _data_uri(png: bytes) -> str:
+    return f"data:image/png;base64,{base64.b64encode(png).decode()}"
+
+
+def _figures(figures: dict[str, bytes]) -> list[dict]:
+    """The page's figures in order: {title, alt, src, caption}."""
+    titles = {m: label for m, (label, _) in METRICS.items()}
+    titles["predicted_quality"] = "predicted mask quality (the pipeline's score) vs true mask IoU"
+    return [{"title": titles[metric], "alt": metric, "src": _data_uri(png), "caption": ""}
+            for metric, png in figures.items()]
 
 
 def _html(results_uri, df, ok, skipped, figures, threshold_rows, table, grids) -> str:
-    parts = [f"<h1>Noisy-mask robustness report</h1><p>Results: <code>{html.escape(results_uri)}</code>. "
-             f"{df['cell_id'].nunique()} cells, {ok['scene_id'].nunique()} scenes, {len(ok)} concept measurements; "
-             f"{len(skipped)} cells left out of the statistics (reasons below).</p>",
-             "<p>Measurements are always against the clean masks. With random-weight models the numbers "
-             "carry no meaning: only the plumbing is exercised.</p>",
-             "<h2>Mask IoU at which each metric has lost 10%</h2>", pd.DataFrame(threshold_rows).to_html(index=False)]
-    for metric, png in figures.items():
-        parts.append(f"<h2>{html.escape(METRICS[metric][0])}</h2>{_img(png, metric)}")
-    parts += ["<h2>Per family and axis</h2>", table.round(4).to_html(index=False)]
-    for scene_id, images in grids:
-        parts.append(f"<h2>Sample grids: {html.escape(scene_id)}</h2><div class='grids'>")
-        parts += [f"<figure>{_img(data, label)}<figcaption>{html.escape(label)}</figcaption></figure>"
-                  for label, data in images]
-        parts.append("</div>")
-    if len(skipped):
-        parts += ["<h2>Left out</h2>", skipped[["cell_id", "scene_id", "family", "severity", "reason"]]
-                  .to_html(index=False)]
-    style = ("body{font-family:sans-serif;max-width:1200px;margin:auto}img{max-width:100%}"
-             "table{border-collapse:collapse;font-size:12px}td,th{border:1px solid #ccc;padding:2px 6px}"
-             ".grids{display:flex;flex-wrap:wrap;gap:8px}figure{margin:0;width:380px}figcaption{font-size:11px}")
-    return (f"<!doctype html><html><head><meta charset='utf-8'><title>Robustness report</title>"
-            f"<style>{style}</style></head><body>{''.join(parts)}</body></html>")
+    from jinja2 import Environment, PackageLoader, select_autoescape
+    from markupsafe import Markup
+
+    env = Environment(loader=PackageLoader("pipeline", "templates"), autoescape=select_autoescape(["j2"]),
+                      trim_blocks=True, lstrip_blocks=True)
+    left_out = skipped[["cell_id", "scene_id", "family", "severity", "reason"]] if len(skipped) else None
+    return env.get_template("report.html.j2").render(
+        results_uri=results_uri, n_cells=df["cell_id"].nunique(), n_scenes=ok["scene_id"].nunique(),
+        n_measurements=len(ok), n_skipped=len(skipped),
+        # pandas escapes cell text itself
+        thresholds_table=Markup(pd.DataFrame(threshold_rows).to_html(index=False)),
+        figures=_figures(figures), family_table=Markup(table.round(4).to_html(index=False)),
+        grids=[{"scene_id": scene_id, "images": [{"label": label, "src": _data_uri(data)} for label, data in images]}
+               for scene_id, images in grids],
+        skipped_table=Markup(left_out.to_html(index=False)) if left_out is not None else None)
+

@@ -10,7 +10,6 @@ timings (JSON), record (JSON, after extraction).
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import time
@@ -18,19 +17,18 @@ import traceback
 
 import numpy as np
 import pandas as pd
-from PIL import Image
 
 from breakscene import masks as M
-from breakscene.errors import BreakSceneError
-from breakscene.quality import mask_features, select_masks
-from breakscene.scene import build_scene, decode_image, load_mask_image, mask_from_image
+from breakscene.errors import BreakSceneError, StorageError
+from breakscene.quality import score_masks, select_masks
+# SUPPORTED_FORMATS: the library's one format rule (extract and the pipeline), re-exported
+from breakscene.scene import SUPPORTED_FORMATS, build_scene, decode_image, load_mask_image, mask_from_image  # noqa: F401
 from breakscene.storage import configure, read_bytes
 
 from . import records as R
 from .config import JobConfig
 
 log = logging.getLogger(__name__)
-SUPPORTED_FORMATS = {"JPEG", "PNG", "WEBP", "BMP", "TIFF", "MPO"}
 
 
 def _rows(batch: pd.DataFrame) -> list[dict]:
@@ -76,17 +74,19 @@ class ContentClaims:
     keeps its claim."""
 
     def __init__(self) -> None:
-        self.owner: dict[str, int] = {}
+        self.owner: dict[str, str] = {}
 
-    def claim(self, image_id: str, manifest_row: int) -> int:
+    def claim(self, image_id: str, manifest_row: str) -> str:
         return self.owner.setdefault(image_id, manifest_row)
 
 
-def load_images(batch: pd.DataFrame, storage: dict, claims=None) -> pd.DataFrame:
+def load_images(batch: pd.DataFrame, storage: dict, claims=None, *, timeout_s: float | None = None,
+                retries: int | None = None) -> pd.DataFrame:
     """Fetch and decode each image; assign a content-hash id where the manifest gave none
     (``claims``, a ContentClaims actor, marks later rows of the same content "duplicate").
+    ``storage``: fsspec options; ``timeout_s``/``retries``: the job's bounds on each fetch.
     A plain task: no model to keep, so no actor."""
-    configure(storage)
+    configure(storage, timeout_s=timeout_s, retries=retries)
     rows = _rows(batch)
     for row in rows:
         start = time.perf_counter()
@@ -95,11 +95,14 @@ def load_images(batch: pd.DataFrame, storage: dict, claims=None) -> pd.DataFrame
                 data = read_bytes(row["image_uri"])
             except FileNotFoundError:
                 raise BreakSceneError(f"image {row['image_uri']} does not exist") from None
-            fmt = _format(data)
-            if fmt not in SUPPORTED_FORMATS:
-                raise BreakSceneError(f"image {row['image_uri']} has unsupported format {fmt or 'unknown'} "
-                                      f"(supported: {', '.join(sorted(SUPPORTED_FORMATS))})")
-            image = decode_image(data, row["image_uri"])
+            except IsADirectoryError:
+                raise BreakSceneError(f"image {row['image_uri']} is a folder, not a file") from None
+            except StorageError as exc:  # timeout, HTTP status, refused, credentials: said as such
+                raise BreakSceneError(f"image {exc}") from None
+            warnings: list[str] = []
+            # the library's rule (breakscene.scene.SUPPORTED_FORMATS), as for `breakscene extract`
+            image = decode_image(data, row["image_uri"], warnings)
+            _warn(row, warnings)
             row.update(image_bytes=data, width=image.width, height=image.height)
             if not row["image_id"]:
                 row["image_id"] = hashlib.sha256(data).hexdigest()[:16]
@@ -116,17 +119,12 @@ def _claim(row: dict, claims) -> None:
         return
     import ray
 
-    owner = ray.get(claims.claim.remote(row["image_id"], int(row["manifest_row"])))
-    if owner != int(row["manifest_row"]):
+    # a row's label is unique in the run ("3", or "shard.jsonl:3" for a sharded manifest)
+    label = row.get("manifest_label") or str(int(row["manifest_row"]))
+    owner = ray.get(claims.claim.remote(row["image_id"], label))
+    if owner != label:
         row.update(status="duplicate", image_bytes=b"",
                    error=f"same image content as manifest row {owner} (id {row['image_id']}): processed once")
-
-
-def _format(data: bytes) -> str | None:
-    try:
-        return Image.open(io.BytesIO(data)).format
-    except Exception:  # noqa: BLE001 - not an image at all
-        return None
 
 
 class Segment:
@@ -134,7 +132,7 @@ class Segment:
 
     def __init__(self, job: dict) -> None:
         self.job = JobConfig.model_validate(job)
-        configure(self.job.storage.options)
+        self.job.storage.apply()
         self._segmenter = None  # built on first use: rows with masks need no model
         self.kind = self.job.segmenter.kind
 
@@ -196,10 +194,10 @@ class Segment:
 
 
 def score_and_select(batch: pd.DataFrame, job: dict) -> pd.DataFrame:
-    """Quality features for every mask; choose the concepts (user masks: all of them).
-    A plain task: pure computation on the masks."""
+    """Quality features and the predicted-IoU ``quality`` of every mask (from the masks and
+    the decoded photograph); choose the concepts (user masks: all of them). A plain task."""
     job_cfg = JobConfig.model_validate(job)
-    configure(job_cfg.storage.options)
+    job_cfg.storage.apply()
     sel = job_cfg.selection
     rows = _rows(batch)
     for row in rows:
@@ -213,8 +211,10 @@ def score_and_select(batch: pd.DataFrame, job: dict) -> pd.DataFrame:
             warnings: list[str] = []
             gt = [mask_from_image(load_mask_image(u), u, size, warnings) for u in json.loads(row["gt_mask_uris"])]
             _warn(row, warnings)
-            feats = [mask_features(m, [o for j, o in enumerate(masks) if j != i], f["predicted_iou"],
-                                   f["stability_score"], gt) for i, (m, f) in enumerate(zip(masks, found))]
+            # the score reads the photograph too: evidence at analysis size, computed once per image
+            image = np.asarray(decode_image(row["image_bytes"], row["image_uri"]))
+            feats = score_masks(image, masks, predicted_ious=[f["predicted_iou"] for f in found],
+                                stability_scores=[f["stability_score"] for f in found], gt_masks=gt)
             if found and found[0]["source"] == "user":
                 chosen = list(range(min(len(masks), sel.max_concepts)))
                 if len(masks) > sel.max_concepts:
@@ -245,7 +245,7 @@ class Extract:
             torch.set_num_threads(threads)
         self.job = JobConfig.model_validate(job)
         self.run_id = run_id
-        configure(self.job.storage.options)
+        self.job.storage.apply()
         self.extractor = Extractor(self.job.model.id, self.job.model.revision, runtime=self.job.model.runtime,
                                    max_concepts=self.job.extract.max_concepts, progress=False)
 
@@ -257,8 +257,10 @@ class Extract:
         return _batch(rows)
 
     def _one(self, row: dict) -> None:
-        if row["status"] == "duplicate":
-            return  # its twin's record is the image's record: writing one would overwrite it
+        if row["status"] in ("duplicate", "resumed"):
+            # a duplicate's twin's record is the image's record: writing one would overwrite
+            # it; a resumed row is already done in the tables
+            return
         out = self.job.output
         start = time.perf_counter()
         started_at = time.time()
@@ -268,6 +270,7 @@ class Extract:
                 row["status"], row["record"] = "resumed", json.dumps(existing)
                 return
             try:
+                R.clear_partial_bundle(out, row["image_id"])  # a killed attempt's leftovers, this image only
                 result = self._extract(row)
             except Exception as exc:  # noqa: BLE001
                 _fail(row, exc, "extract")
@@ -309,14 +312,17 @@ def build_record(row: dict, result, run_id: str, bundle: str) -> dict:
     ok = result is not None
     image = {
         "image_id": row["image_id"], "image_uri": row["image_uri"], "manifest_row": int(row["manifest_row"]),
-        "width": int(row["width"]), "height": int(row["height"]), "status": row["status"], "error": row["error"],
+        "width": int(row["width"]), "height": int(row["height"]), "status": row["status"],
+        "error": row["error"] or None,  # null, not "", on rows that did not fail
         "warnings": json.loads(row["warnings"] or "[]"), "mask_source": found[0]["source"] if found else "",
         "n_masks": len(found), "n_concepts": len(chosen) if ok else 0,
         **{f"seconds_{k}": timings.get(k) for k in ("load", "segment", "score", "extract")},
         "bundle_uri": bundle if ok else "", "run_id": run_id,
+        "manifest_file": row.get("manifest_file"), "meta": row.get("meta"),
     }
     masks = [{"image_id": row["image_id"], "mask_index": i, "source": f["source"], "rle": f["rle"],
-              **{k: v for k, v in (feats[i] if i < len(feats) else {}).items()}, "selected": i in chosen}
+              **{k: v for k, v in (feats[i] if i < len(feats) else {}).items()}, "selected": i in chosen,
+              "run_id": run_id}
              for i, f in enumerate(found)]
     concepts = []
     if ok:

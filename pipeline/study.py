@@ -27,7 +27,7 @@ from pydantic import Field, field_validator, model_validator
 from breakscene.config import ExtractConfig, StrictModel
 from breakscene.evaluation import EvalConfig
 from breakscene.noise import FAMILIES, boundary_f_score, match_masks, perturb
-from breakscene.storage import configure, exists, filesystem, join, write_bytes
+from breakscene.storage import exists, filesystem, join, write_bytes
 
 from .config import ModelConfig, ResourcesConfig, SegmenterConfig, StorageConfig
 from .groundtruth import SceneSources, StudyScene, collect_scenes, load_clean
@@ -128,7 +128,7 @@ class StudyWorker:
         if threads:
             torch.set_num_threads(threads)
         self.cfg = StudyConfig.model_validate(study)
-        configure(self.cfg.storage.options)
+        self.cfg.storage.apply()
         self.extractor = Extractor(self.cfg.model.id, self.cfg.model.revision, runtime=self.cfg.model.runtime,
                                    max_concepts=self.cfg.extract.max_concepts, progress=False)
         ev = self.cfg.evaluation
@@ -162,6 +162,7 @@ class StudyWorker:
         from breakscene.errors import BreakSceneError
         from breakscene.evaluation import Evaluator
         from breakscene.masks import iou
+        from breakscene.quality import score_masks
         from breakscene.scene import build_scene, decode_image
 
         scene = StudyScene(**json.loads(cell["scene"]))
@@ -184,7 +185,11 @@ class StudyWorker:
             else:
                 noisy = [perturb(m, family, float(cell["severity"]), int(cell["seed"]) * 1000 + k,
                                  [o for j, o in enumerate(clean) if j != k]) for k, m in enumerate(clean)]
-            quality = [{"mask_iou": iou(n, c), "mask_boundary_f": boundary_f_score(n, c)} for n, c in zip(noisy, clean)]
+            # the pipeline's score, blind to the clean mask, beside the truth it tries to predict
+            predicted = score_masks(np.asarray(decode_image(image_bytes, scene.scene_id)), noisy)
+            quality = [{"mask_iou": iou(n, c), "mask_boundary_f": boundary_f_score(n, c),
+                        "predicted_quality": p["quality"], "quality_version": p["quality_version"]}
+                       for n, c, p in zip(noisy, clean, predicted)]
             empty = [k for k, m in enumerate(noisy) if not m.any()]
             if empty:
                 reason = f"the noisy mask of concept {empty[0]} is empty"
@@ -209,7 +214,7 @@ class StudyWorker:
 
 
 MEASUREMENT_COLUMNS = ["cell_id", "scene_id", "concept_index", "family", "severity", "seed", "config", "status",
-                       "reason", "mask_iou", "mask_boundary_f", "attention_iou", "attention_leak", "assigned_correct",
+                       "reason", "mask_iou", "mask_boundary_f", "predicted_quality", "quality_version", "attention_iou", "attention_leak", "assigned_correct",
                        "recon_in", "recon_out", "identity_sim", "prompt_sim", "bundle_uri", "grid_uri",
                        "train_seconds", "train_steps"]
 
@@ -268,7 +273,7 @@ def calibrate(cfg: StudyConfig) -> float:
 def run_study(cfg: StudyConfig, address: str | None = None) -> dict:
     from .run import _init_ray
 
-    configure(cfg.storage.options)
+    cfg.storage.apply()
     started = time.perf_counter()
     scenes = collect_scenes(cfg.scenes)
     if not scenes:

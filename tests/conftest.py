@@ -20,6 +20,15 @@ def isolated_cache(tmp_path_factory):
     return path
 
 
+@pytest.fixture(autouse=True)
+def fresh_io_settings():
+    """A test that applies a job's storage settings does not leak them into the next one."""
+    yield
+    from breakscene import storage
+
+    storage.reset_io_settings()
+
+
 @pytest.fixture(scope="session")
 def examples() -> Path:
     if not (EXAMPLES / "bear" / "img.jpg").is_file():

@@ -6,6 +6,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -79,6 +80,24 @@ def mixed_manifest(folder: Path, examples: Path) -> tuple[Path, dict]:
     return manifest, expected
 
 
+@contextlib.contextmanager
+def moto_server_process(port: int):
+    """An S3 server on 127.0.0.1 in its own process: delta-rs holds the GIL in some
+    calls, so a server thread inside the test's process could not answer them."""
+    proc = subprocess.Popen([os.path.join(VENV_BIN, "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(200):
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            time.sleep(0.1)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
 def tables(out: str, fs=None) -> dict:
     from pipeline.records import read_table
 
@@ -116,5 +135,5 @@ def stop_ray_cluster(temp_dir: str, gcs_port: int) -> int:
     return len(procs)
 
 
-__all__ = ["free_port", "env", "write_job", "run_cli", "mixed_manifest", "tables", "no_partial_output",
+__all__ = ["free_port", "moto_server_process", "env", "write_job", "run_cli", "mixed_manifest", "tables", "no_partial_output",
            "stop_ray_cluster", "shutil", "pq"]

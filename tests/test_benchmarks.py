@@ -8,9 +8,13 @@ from benchmarks.__main__ import bench_extract, bench_sam, table
 
 def test_extract_benchmark_runs_with_baseline_and_parity():
     args = argparse.Namespace(model="tiny", steps=2, class_images=2, class_steps=1, modes=["full", "lora"],
-                              no_baseline=False)
+                              no_baseline=False, grid_seeds=1)
     result = bench_extract(args)
     assert set(result["ours"]) == {"full", "lora"}
+    full = result["ours"]["full"]
+    assert full["grid"] > 0 and full["grid_share"] == pytest.approx(full["grid"] / full["total_s"], abs=2e-3)
+    assert full["total_without_grid_s"] == pytest.approx(full["total_s"] - full["grid"], abs=2e-3)
+    assert result["grid"]["images"] == 4 and result["grid"]["sequential_ddim_25_s"] > 0
     assert result["ours"]["full"]["phase1"] > 0 and result["authors"]["phase2"] > 0
     assert set(result["speedup_vs_authors"]) == {"phase1", "phase2", "scene_total"}
     # same batch, our attention processors vs explicit softmax everywhere
@@ -56,3 +60,24 @@ def test_memory_benchmark_predicts_every_phase_and_mode():
     full = result["predicted_gib"]["full.phase2.checkpointing_off"]
     assert full["optimizer"] == pytest.approx(2 * full["gradients"], abs=2e-3)
     assert "needs a GPU" in result["measured"]
+
+
+@pytest.mark.e2e
+def test_scale_benchmark_runs_tiny_on_disk_and_on_an_s3_server():
+    """History sizes, store kinds and row counts are flags: here tiny."""
+    from benchmarks.scale import bench_scale
+
+    import ray
+
+    args = argparse.Namespace(histories=[20, 60], new=2, throughput_images=3, overhead_rows=None,
+                              stores=["local", "s3"], size=64, s3_records=20, cpus=2)
+    result = bench_scale(args)
+    for store in ("local", "s3"):
+        for h in ("20", "60"):
+            row = result[store][h]
+            assert row["bookkeeping_s"] > 0 and row["increment_driver_s"]["commit"] > 0
+            assert row["increment_counts"]["resumed"] == int(h)  # the history, left out before any work
+            assert row["increment_counts"]["scored"] + row["increment_counts"]["failed"] == 2
+        assert result[store]["bookkeeping_ratio"] > 0
+    assert result["score_only_throughput"]["images"] == 3 and result["score_only_throughput"]["images_per_s"] > 0
+    assert not ray.is_initialized()

@@ -35,8 +35,10 @@ def test_bundle_round_trip_generates_the_same_image(tiny_extractor, examples, tm
     assert [c["init_word"] for c in info["concepts"]] == ["toy", None, None]
     for c in info["concepts"]:
         assert 0 <= c["attention_iou"] <= 1 and 0 <= c["assigned_mask"] < 3 and len(c["ious"]) == 3
-    assert set(info["timings"]) >= {"phase1", "phase2", "diagnostic", "prepare"}
-    assert os.path.isdir(f"{out}/lora") == (mode == "lora") and os.path.isdir(f"{out}/unet") == (mode == "full")
+    assert set(info["timings"]) >= {"phase1", "phase2", "diagnostic", "prepare", "class_images", "grid"}
+    assert set(result.timings) >= set(info["timings"]) | {"bundle_write"}
+    assert os.path.isfile(f"{out}/pytorch_lora_weights.safetensors") == (mode == "lora")
+    assert os.path.isdir(f"{out}/unet") == (mode == "full")
     assert len(list((tmp_path / "bundle" / "masks").glob("mask*.png"))) == 3
     # the learned rows come back from the textual-inversion files
     emb = bundle_io.load_embeddings(out)

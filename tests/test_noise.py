@@ -66,3 +66,39 @@ def test_match_masks_is_the_optimal_assignment():
     assert match_masks([b.copy(), big_a], [a, b]) == [1, 0]
     assert match_masks([], [a]) == [None]
     assert match_masks([np.zeros_like(a)], [a]) == [None]
+
+
+def _random_masks(rng, n, shape=(37, 53)):
+    masks = [rng.random(shape) < p for p in rng.uniform(0.05, 0.6, n)]
+    return masks + [np.zeros(shape, bool), np.ones(shape, bool)]
+
+
+def test_iou_matrix_on_rles_equals_the_pixel_iou_exactly():
+    from breakscene.masks import encode_rle, iou_matrix
+
+    rng = np.random.default_rng(3)
+    rows, cols = _random_masks(rng, 5), _random_masks(rng, 4)
+    expected = np.array([[iou(r, c) for c in cols] for r in rows])
+    assert expected[-2, -2] == 0.0 and expected[-1, -1] == 1.0  # two empty masks: 0, as before
+    assert np.array_equal(iou_matrix(rows, cols), expected)  # bit for bit, not approximately
+    stored = [encode_rle(m) for m in cols]  # the tables' form: str counts
+    assert np.array_equal(iou_matrix(rows, stored), expected)
+    assert iou_matrix([], cols).shape == (0, len(cols))
+    with pytest.raises(ValueError, match="different sizes"):
+        iou_matrix(rows, [np.zeros((10, 10), bool)])
+
+
+def test_match_masks_on_stored_rles_is_the_brute_force_optimum():
+    import itertools
+
+    from breakscene.masks import encode_rle
+
+    rng = np.random.default_rng(4)
+    for _ in range(5):
+        clean, found = _random_masks(rng, 2)[:3], _random_masks(rng, 3)[:4]
+        matched = match_masks(found, clean)
+        assert match_masks([encode_rle(m) for m in found], [encode_rle(m) for m in clean]) == matched
+        best = max(itertools.permutations(range(len(found)), len(clean)),
+                   key=lambda perm: sum(iou(clean[i], found[j]) for i, j in enumerate(perm)))
+        total = sum(iou(clean[i], found[j]) for i, j in enumerate(matched) if j is not None)
+        assert total == pytest.approx(sum(iou(clean[i], found[j]) for i, j in enumerate(best)))

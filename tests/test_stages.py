@@ -33,7 +33,7 @@ def test_load_records_bad_images_and_hashes_good_ones(tmp_path, examples):
     assert len(out[0]["image_id"]) == 16 and out[0]["image_bytes"][:2] == b"\xff\xd8"
     assert out[1]["status"] == "failed" and "missing.png does not exist" in out[1]["error"]
     assert out[1]["image_id"].startswith("uri-")
-    assert out[2]["status"] == "failed" and "unsupported format unknown" in out[2]["error"]
+    assert out[2]["status"] == "failed" and "corrupt.jpg cannot be decoded" in out[2]["error"]
     assert out[3]["status"] == "failed" and "unsupported format GIF" in out[3]["error"] and out[3]["image_id"] == "given"
     assert all("load" in json.loads(r["timings"]) for r in out)
 

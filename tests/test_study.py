@@ -168,3 +168,36 @@ def test_embedders_load_from_saved_folders(tmp_path):
                        image_size=224, patch_size=16)).save_pretrained(tmp_path / "tiny-dino")
     emb = build_embedder(str(tmp_path / "tiny-dino")).image(img)
     assert emb.shape == (1, 32) and abs(float(emb.norm()) - 1) < 1e-5
+
+
+def test_bootstrap_ci_is_scipys_percentile_interval_of_the_mean():
+    values = np.random.default_rng(1).normal(1.0, 0.1, 400)
+    se = values.std(ddof=1) / np.sqrt(len(values))
+    lo, hi = bootstrap_ci(values, np.random.default_rng(0), n=4000)
+    # close to the normal-theory interval mean +- 1.96 se (0.0098 wide each side)
+    assert lo == pytest.approx(values.mean() - 1.96 * se, abs=0.0015)
+    assert hi == pytest.approx(values.mean() + 1.96 * se, abs=0.0015)
+    assert bootstrap_ci(values, np.random.default_rng(0), n=4000) == (lo, hi)  # seeded: reproducible
+    assert bootstrap_ci(np.array([0.7]), np.random.default_rng(0)) == (0.7, 0.7)
+    assert bootstrap_ci(np.array([0.2, 0.2, 0.2]), np.random.default_rng(0)) == pytest.approx((0.2, 0.2))
+
+
+def test_report_page_is_the_packaged_template_with_text_escaped(tmp_path):
+    import importlib.resources
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    assert (importlib.resources.files("pipeline") / "templates" / "report.html.j2").is_file()
+    rows = [{"cell_id": f"c{i}", "scene_id": "<b>scene</b>", "concept_index": 0, "family": family, "severity": sev,
+             "seed": 0, "status": "ok", "reason": "", "mask_iou": iou, "attention_iou": iou / 2, "grid_uri": ""}
+            for i, (family, sev, iou) in enumerate([("clean", 0.0, 1.0), ("dilate", 1.0, 0.6)])]
+    rows.append({"cell_id": "c9", "scene_id": "s", "concept_index": 0, "family": "erode", "severity": 1.0,
+                 "seed": 0, "status": "skipped", "reason": "mask <i>empty</i> & gone"})
+    pq.write_table(pa.Table.from_pandas(pd.DataFrame(rows)), tmp_path / "m.parquet")
+    build_report(str(tmp_path / "m.parquet"), tmp_path / "report")
+    page = (tmp_path / "report" / "index.html").read_text()
+    assert "<title>Robustness report</title>" in page and page.count("<img") == 1
+    assert 'alt="attention_iou" src="data:image/png;base64,' in page
+    assert "<b>scene</b>" not in page and "mask &lt;i&gt;empty&lt;/i&gt; &amp; gone" in page
+    assert "3 cells, 1 scenes, 2" in page  # the counts reach the page

@@ -1,0 +1,97 @@
+"""What every ``breakscene`` command shares: ``--version``, ``--log-level`` / ``-v``, and
+help that shows each option's default.
+
+``finish_parser`` is applied once to the finished parser (library and pipeline commands
+alike), so a command added later gets the same options and help without extra code.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import logging
+
+LEVELS = ("debug", "info", "warning", "error")
+# the project's own loggers; third-party libraries stay at WARNING unless asked
+PROJECT_LOGGERS = ("breakscene", "pipeline", "benchmarks")
+LOG_FORMAT = "%(levelname)s %(name)s: %(message)s"
+
+
+def package_version() -> str:
+    try:
+        return importlib.metadata.version("breakscene")
+    except importlib.metadata.PackageNotFoundError:  # a source tree that was never installed
+        return "unknown"
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """argparse's defaults formatter, without "(default: None)", "(default: False)" or
+    "(default: [])" noise: those options say in their help what leaving them out means."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or not _shows_default(action):
+            return text
+        return super()._get_help_string(action)
+
+
+def _shows_default(action: argparse.Action) -> bool:
+    default = action.default
+    # identity, not ==: a default of 0 is worth showing, False is not
+    return not (default is None or default is False or default is argparse.SUPPRESS or default == []
+                or action.nargs == 0 or not action.option_strings)
+
+
+def _common(parser: argparse.ArgumentParser, *, top: bool) -> None:
+    # On sub-commands the defaults are SUPPRESS so that `breakscene -v extract ...` is not
+    # reset by the sub-command's own (absent) option.
+    default = argparse.SUPPRESS if not top else None
+    parser.add_argument("--log-level", type=str.lower, choices=LEVELS, default=default,
+                        help="log level of the project's messages (default: warning; -v info, -vv debug)")
+    parser.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS if not top else 0,
+                        help="more log output: -v info, -vv debug (--log-level wins)")
+
+
+def _show_in_help(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = HelpFormatter
+    for action in parser._actions:
+        if action.help is None and _shows_default(action):
+            action.help = "(default: %(default)s)"  # argparse lists no option without help text
+
+
+def finish_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the shared options to ``parser`` and its sub-commands and show defaults in help."""
+    if "--log-level" in parser._option_string_actions:
+        return parser
+    parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
+    _common(parser, top=True)
+    _show_in_help(parser)
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                _common(sub, top=False)
+                _show_in_help(sub)
+    return parser
+
+
+def log_level(args: argparse.Namespace) -> int:
+    if getattr(args, "log_level", None):
+        return getattr(logging, args.log_level.upper())
+    verbose = getattr(args, "verbose", 0) or 0
+    return (logging.WARNING, logging.INFO)[verbose] if verbose < 2 else logging.DEBUG
+
+
+def setup_logging(args: argparse.Namespace) -> int:
+    level = log_level(args)
+    logging.basicConfig(level=logging.WARNING, format=LOG_FORMAT)
+    for name in PROJECT_LOGGERS:
+        logging.getLogger(name).setLevel(level)
+    return level
+
+
+def show_defaults(parser: argparse.ArgumentParser, defaults: dict) -> None:
+    """Options whose own default is None ("take it from the config") show the config's
+    value in their help instead."""
+    for action in parser._actions:
+        value = defaults.get(action.dest)
+        if action.default is None and value is not None:
+            action.help = f"{action.help + ' ' if action.help else ''}(default: {value})"

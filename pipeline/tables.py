@@ -1,0 +1,242 @@
+"""The output tables (``OUT/images``, ``OUT/masks``, ``OUT/concepts``) as Delta Lake tables.
+
+Why Delta (``deltalake``, delta-rs): a table grows by one commit per run that adds only
+that run's files, keeps every earlier version (time travel), compacts small files
+(``optimize.compact``) and opens in DuckDB (``delta_scan``), pandas / pyarrow, Polars and
+Spark without this project. Iceberg gives the same guarantees but needs a catalog service
+for commits on an object store; Delta's log is plain files under the table.
+
+A run's rows are written as Parquet by the workers into ``OUT/_staging/<run_id>/<table>/``
+(``stage_rows``); the driver commits them once at the end (``commit_run``):
+- images the tables do not hold yet are appended (no scan of the table);
+- images the tables already hold (a failed image retried, a scored image extracted,
+  ``force``) are replaced in the same commit by a ``merge``: the image's new row updates
+  the old one, and in ``masks`` / ``concepts`` rows of a replaced image that the new
+  attempt no longer has are deleted. Readers see exactly one current row per image (per
+  mask, per concept), and older versions keep the earlier attempts.
+"""
+from __future__ import annotations
+
+import io
+import uuid
+
+import fsspec
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+
+from breakscene.storage import filesystem, join, remove, write_bytes
+
+SCHEMA_VERSION = 2
+STAGING = "_staging"
+# merge keys: one current row per image, per (image, mask), per (image, concept)
+KEYS = {"images": ("image_id",), "masks": ("image_id", "mask_index"), "concepts": ("image_id", "concept_index")}
+DEFAULT_RETENTION_HOURS = 168  # Delta's own default: a week of history readable by time travel
+
+
+def with_version(name: str, schema: pa.Schema) -> pa.Schema:
+    """The table's Arrow schema carrying its name and schema version (Parquet metadata)."""
+    return schema.with_metadata({"breakscene.table": name, "breakscene.schema_version": str(SCHEMA_VERSION)})
+
+
+def table_uri(out: str, name: str) -> str:
+    return join(out, name)
+
+
+def delta_options(uri: str) -> dict | None:
+    """delta-rs storage options for ``uri`` from this process's fsspec settings
+    (``breakscene.storage.configure``): an S3 endpoint, keys, region. Environment
+    credentials (AWS_*) are read by delta-rs itself."""
+    if not uri.startswith(("s3://", "s3a://")):
+        return None
+    conf = fsspec.config.conf.get("s3", {})
+    client = conf.get("client_kwargs", {}) or {}
+    opts = {}
+    for ours, theirs in (("key", "AWS_ACCESS_KEY_ID"), ("secret", "AWS_SECRET_ACCESS_KEY"),
+                         ("token", "AWS_SESSION_TOKEN")):
+        if conf.get(ours):
+            opts[theirs] = str(conf[ours])
+    endpoint = client.get("endpoint_url") or conf.get("endpoint_url")
+    if endpoint:
+        opts["AWS_ENDPOINT_URL"] = endpoint
+        if endpoint.startswith("http://"):
+            opts["AWS_ALLOW_HTTP"] = "true"
+    region = client.get("region_name") or conf.get("region_name")
+    if region or endpoint:
+        opts["AWS_REGION"] = region or "us-east-1"
+    return opts or None
+
+
+def open_table(out: str, name: str, version: int | None = None):
+    """The DeltaTable, or None where the table was never written."""
+    from deltalake import DeltaTable
+
+    uri = table_uri(out, name)
+    if not DeltaTable.is_deltatable(uri, storage_options=delta_options(uri)):
+        return None
+    return DeltaTable(uri, version=version, storage_options=delta_options(uri))
+
+
+def read_table(out: str, name: str, schema: pa.Schema, *, version: int | None = None,
+               columns: list[str] | None = None) -> pa.Table:
+    """The table's current rows (or those of ``version``); empty with ``schema`` if none."""
+    dt = open_table(out, name, version)
+    if dt is None:
+        empty = schema.empty_table()
+        return empty.select(columns) if columns else empty
+    return dt.to_pyarrow_table(columns=columns)
+
+
+def schema_version(out: str, name: str) -> int | None:
+    dt = open_table(out, name)
+    if dt is None:
+        return None
+    field = dt.schema().to_arrow().field("image_id")
+    meta = field.metadata or {}
+    return int(meta.get(b"breakscene.schema_version", meta.get("breakscene.schema_version", 0)) or 0) or None
+
+
+def staging_dir(out: str, run_id: str) -> str:
+    return join(out, STAGING, run_id)
+
+
+def stage_rows(out: str, run_id: str, name: str, table: pa.Table) -> None:
+    """Write one batch of a table's rows as a Parquet file of this run's staging area
+    (called by workers; the driver commits the staged files once)."""
+    if table.num_rows == 0:
+        return
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    write_bytes(join(staging_dir(out, run_id), name, f"{uuid.uuid4().hex}.parquet"), buf.getvalue())
+
+
+def _staged(out: str, run_id: str, name: str, schema: pa.Schema):
+    fs, root = filesystem(join(staging_dir(out, run_id), name))
+    if not fs.exists(root):
+        return None
+    files = sorted(p for p in fs.find(root) if p.endswith(".parquet"))
+    if not files:
+        return None
+    return pads.dataset(files, filesystem=fs, schema=schema, format="parquet")
+
+
+def _sql_list(ids) -> str:
+    return ", ".join("'" + i.replace("'", "''") + "'" for i in sorted(ids))
+
+
+def _commit_properties(run_id: str):
+    from deltalake import CommitProperties
+
+    return CommitProperties(custom_metadata={"breakscene.run_id": run_id,
+                                             "breakscene.schema_version": str(SCHEMA_VERSION)})
+
+
+def commit(out: str, name: str, schema: pa.Schema, source, *, run_id: str, replace_ids=()) -> None:
+    """Commit ``source`` (an Arrow table or dataset with ``schema``, or None) into table
+    ``name`` in one Delta commit; rows of images in ``replace_ids`` replace theirs."""
+    from deltalake import write_deltalake
+
+    if source is None or (isinstance(source, pa.Table) and source.num_rows == 0):
+        if replace_ids and (dt := open_table(out, name)) is not None:
+            # replaced images without rows here this time (a retry that failed earlier)
+            dt.delete(f"image_id IN ({_sql_list(replace_ids)})", commit_properties=_commit_properties(run_id))
+        return
+
+    schema = _field_versioned(schema)
+    reader = _reader(source, schema)
+    uri = table_uri(out, name)
+    opts = delta_options(uri)
+    dt = open_table(out, name)
+    props = _commit_properties(run_id)
+    if dt is None or not replace_ids:
+        # new images only: an append adds files without reading the table
+        write_deltalake(uri if dt is None else dt, reader, mode="append", schema_mode="merge",
+                        name=None if dt is not None else name,
+                        description=None if dt is not None else
+                        f"breakscene {name} table, schema version {SCHEMA_VERSION}",
+                        storage_options=opts, commit_properties=props)
+        return
+    keys = KEYS[name]
+    predicate = " AND ".join(f"t.{k} = s.{k}" for k in keys)
+    merger = dt.merge(reader, predicate, source_alias="s", target_alias="t", merge_schema=True,
+                      commit_properties=props).when_matched_update_all().when_not_matched_insert_all()
+    if len(keys) > 1:  # a replaced image's masks / concepts that its new attempt no longer has
+        merger = merger.when_not_matched_by_source_delete(f"t.image_id IN ({_sql_list(replace_ids)})")
+    merger.execute()
+
+
+def _field_versioned(schema: pa.Schema) -> pa.Schema:
+    """Delta keeps field metadata in its log (not Parquet schema metadata): the schema
+    version travels on the key column."""
+    i = schema.get_field_index("image_id")
+    field = schema.field(i).with_metadata({"breakscene.schema_version": str(SCHEMA_VERSION)})
+    return schema.set(i, field)
+
+
+def _reader(source, schema: pa.Schema) -> pa.RecordBatchReader:
+    if isinstance(source, pads.Dataset):
+        batches = source.to_batches()
+    elif isinstance(source, pa.Table):
+        batches = source.to_batches()
+    else:
+        batches = source
+    return pa.RecordBatchReader.from_batches(schema, (b.cast(schema) for b in batches if b.num_rows))
+
+
+def commit_run(out: str, run_id: str, tables: dict[str, pa.Schema], *, replace_ids=()) -> dict[str, int]:
+    """Commit everything this run staged, table by table (images last, so that a
+    reader who sees an image's current row also finds its masks and concepts), then
+    remove the staging area. Returns each table's current row count."""
+    for name in sorted(tables, key=lambda n: n == "images"):
+        commit(out, name, tables[name], _staged(out, run_id, name, tables[name]), run_id=run_id,
+               replace_ids=replace_ids)
+    remove(staging_dir(out, run_id))
+    fs, root = filesystem(join(out, STAGING))
+    try:
+        fs.rmdir(root)  # only when no other run's staging is left
+    except (OSError, NotImplementedError):
+        pass
+    return counts(out, tables)
+
+
+def counts(out: str, tables) -> dict[str, int]:
+    result = {}
+    for name in tables:
+        dt = open_table(out, name)
+        result[name] = 0 if dt is None else int(dt.count())
+    return result
+
+
+def clear_staging(out: str, keep: str | None = None) -> int:
+    """Remove staging areas left by runs that died before committing (the lease makes
+    sure none of them is still running). Returns how many were removed."""
+    fs, root = filesystem(join(out, STAGING))
+    if not fs.exists(root):
+        return 0
+    removed = 0
+    for path in fs.ls(root, detail=False):
+        if path.rstrip("/").rsplit("/", 1)[-1] != keep:
+            fs.rm(path, recursive=True)
+            removed += 1
+    return removed
+
+
+def compact(out: str, names, *, retention_hours: int = DEFAULT_RETENTION_HOURS) -> dict[str, dict]:
+    """Rewrite each table's small files into larger ones (a new version; readers are not
+    disturbed), then delete only files that Delta's log marked removed longer ago than
+    ``retention_hours`` (time travel to versions within that window keeps working)."""
+    result = {}
+    for name in names:
+        dt = open_table(out, name)
+        if dt is None:
+            continue
+        metrics = dt.optimize.compact()
+        deleted = dt.vacuum(retention_hours=retention_hours, dry_run=False, enforce_retention_duration=False)
+        result[name] = {"files_added": metrics.get("numFilesAdded", 0),
+                        "files_removed": metrics.get("numFilesRemoved", 0),
+                        "files_deleted": len(deleted), "version": dt.version()}
+    return result
+
+
+__all__ = ["SCHEMA_VERSION", "KEYS", "table_uri", "delta_options", "open_table", "read_table", "stage_rows",
+           "commit", "commit_run", "counts", "clear_staging", "compact", "schema_version"]
