@@ -35,7 +35,7 @@ from .models import load_models, pick_device
 from .sampling import concept_prompt, sample_subset, token_names
 from .scene import PreparedScene, Scene, prepare_scene
 from .storage import join, publish_dir
-from .training import Batch, PhaseResult, autocast_context, run_phase, training_step
+from .training import Batch, autocast_context, run_phase, training_step
 
 log = logging.getLogger(__name__)
 

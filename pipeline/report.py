@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from breakscene.storage import exists, filesystem, join, read_bytes
+from breakscene.storage import exists, join, read_bytes
 
 # metric -> (label, higher is better)
 METRICS = {

@@ -23,7 +23,7 @@ from typing import Callable
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from breakscene.storage import filesystem, join, remove, write_bytes
+from breakscene.storage import PARTIAL, filesystem, join, remove, write_bytes
 
 from . import manifest as MF
 from . import records as R
@@ -70,16 +70,20 @@ def split_duplicates(rows: list[dict]) -> tuple[list[dict], list[dict]]:
 
 def cleanup_partial(out: str) -> int:
     """``breakscene gc``: remove bundles left half-written by killed runs (local temporary
-    folders, remote bundle prefixes without their bundle.json) and staging areas of runs
-    that never committed. Checks every bundle, so runs never call it: a run clears only
-    the leftovers of the images it processes (``records.clear_partial_bundle``)."""
+    folders, prefixes still holding the in-progress marker ``storage.PARTIAL``) and staging
+    areas of runs that never committed. A folder with neither that marker nor a
+    bundle.json was not written by this project and stays. Checks every bundle, so runs
+    never call it: a run clears only the leftovers of the images it processes
+    (``records.clear_partial_bundle``)."""
     removed = T.clear_staging(out)
     fs, root = filesystem(join(out, "bundles"))
     if not fs.exists(root):
         return removed
     for path in fs.ls(root, detail=False):
-        name = path.rstrip("/").rsplit("/", 1)[-1]
-        if ".tmp-" in name or not fs.exists(f"{path.rstrip('/')}/bundle.json"):
+        path = path.rstrip("/")
+        name = path.rsplit("/", 1)[-1]
+        temporary = name.startswith(".") and ".tmp-" in name
+        if temporary or (fs.exists(f"{path}/{PARTIAL}") and not fs.exists(f"{path}/bundle.json")):
             fs.rm(path, recursive=True)
             removed += 1
     return removed
