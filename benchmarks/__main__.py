@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import platform
 import sys
 import tempfile
 import time
@@ -16,32 +15,7 @@ from pathlib import Path
 
 import torch
 
-EXAMPLES = Path(__file__).resolve().parents[1].parent / "shared" / "examples"
-
-
-def machine() -> dict:
-    info = {"python": platform.python_version(), "torch": torch.__version__, "cpus": torch.get_num_threads()}
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
-    return info
-
-
-def _scene():
-    from breakscene.scene import build_scene
-    from pipeline.demo import generated_scene
-
-    if (EXAMPLES / "bear" / "img.jpg").is_file():
-        from breakscene.scene import load_scene_dir
-
-        return load_scene_dir(EXAMPLES / "bear"), "shared/examples/bear"
-    import io
-
-    from PIL import Image
-
-    image, masks = generated_scene(0, 512)
-    buf = io.BytesIO()
-    Image.fromarray(image).save(buf, format="PNG")
-    return build_scene(buf.getvalue(), "generated", [(f"m{i}", m) for i, m in enumerate(masks)], 4), "generated"
+from benchmarks.common import EXAMPLES, example_scene, machine
 
 
 def bench_extract(args) -> dict:
@@ -50,7 +24,7 @@ def bench_extract(args) -> dict:
     from breakscene.extractor import Extractor
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    scene, scene_name = _scene()
+    scene, scene_name = example_scene()
     prior = {"num_class_images": args.class_images, "generation_steps": args.class_steps}
     grid_seeds = getattr(args, "grid_seeds", 2)
     cfg = ExtractConfig(phase1_steps=args.steps, phase2_steps=args.steps, prior=prior, grid_seeds=grid_seeds)
@@ -78,7 +52,6 @@ def bench_extract(args) -> dict:
     rows["step1_loss"] = step1_parity(ex, scene, cfg)
     if not args.no_baseline:
         with tempfile.TemporaryDirectory() as tmp:
-            ex.models.__class__  # noqa: B018 - the loaded models stay resident for "ours"
             from breakscene.models import load_models
 
             load_models(args.model).save_pretrained(tmp)  # the script reads weights from disk per scene
@@ -160,7 +133,7 @@ def bench_sam(args) -> dict:
 def bench_pipeline(args) -> dict:
     import yaml
 
-    from pipeline.config import load_job
+    from pipeline.jobfile import load_job
     from pipeline.records import read_records
     from pipeline.run import run_job
 
@@ -197,7 +170,7 @@ def bench_levers(args) -> dict:
     from benchmarks.levers import run_levers
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    scene, scene_name = _scene()
+    scene, scene_name = example_scene()
     return {"machine": machine(), "model": args.model, "scene": scene_name,
             **run_levers(args.model, scene, device, args.steps, args.compile, args.rounds)}
 
@@ -250,7 +223,7 @@ def bench_memory(args) -> dict:
     from breakscene.config import RuntimeConfig
     from breakscene.extractor import Extractor
 
-    scene, _ = _scene()
+    scene, _ = example_scene()
     out["device_total_gib"] = round(torch.cuda.get_device_properties(0).total_memory / GIB, 2)
     out["measured_peak_gib"] = {}
     for ckpt in ("off", "on"):

@@ -18,8 +18,10 @@ from breakscene.attention import AttentionStore, CaptureAttnProcessor, loss_laye
 from breakscene.config import ExtractConfig
 from breakscene.extractor import Extractor
 from breakscene.generate import generate_images, make_pipeline
+from breakscene.phases import phase_setup
 from breakscene.prior import to_pixels
-from breakscene.scene import Scene, prepare_scene
+from breakscene.scene import Scene
+from breakscene.tensors import draw_batch
 from breakscene.training import autocast_context, run_phase, training_step
 
 
@@ -47,14 +49,21 @@ def install_explicit_everywhere(unet, store: StoreEverything) -> None:
     unet.set_attn_processor({name: ExplicitAttn(store, name) for name in unet.attn_processors})
 
 
+def _without_prior(cfg: ExtractConfig) -> ExtractConfig:
+    return cfg.model_copy(update={"prior": cfg.prior.model_copy(update={"enabled": False})})
+
+
+def _instance_batch(ex: Extractor, tensors, cfg: ExtractConfig, rng: random.Random, gen: torch.Generator):
+    """Our batch drawing without class rows (the script draws those apart, from pixels)."""
+    return draw_batch(tensors, None, cfg, rng=rng, gen=gen, encode_subset=ex.assets.encode_subset,
+                      num_train_timesteps=ex.models.scheduler.config.num_train_timesteps)
+
+
 def step1_parity(ex: Extractor, scene: Scene, cfg: ExtractConfig) -> dict:
     """The same first batch through our processors and through explicit softmax everywhere."""
-    n = scene.num_concepts
-    prepared = prepare_scene(scene, cfg.resolution or ex.models.native_resolution)
-    ex._init_tokens(n, None)
-    data = ex._scene_tensors(prepared, cfg)
-    batch = ex._draw_batch(random.Random(cfg.seed), torch.Generator(device=ex.device).manual_seed(cfg.seed),
-                           data, None, cfg, n)
+    prepared = ex.prepare(scene, _without_prior(cfg))
+    batch = _instance_batch(ex, prepared.tensors, cfg, random.Random(cfg.seed),
+                            torch.Generator(device=ex.device).manual_seed(cfg.seed))
     m = ex.models
     with torch.no_grad(), autocast_context(ex.device, cfg.mixed_precision):
         ours = training_step(m.unet, m.text_encoder, m.scheduler, ex.store, batch, cfg)
@@ -63,7 +72,7 @@ def step1_parity(ex: Extractor, scene: Scene, cfg: ExtractConfig) -> dict:
         install_explicit_everywhere(m.unet, store)
         theirs = training_step(m.unet, m.text_encoder, m.scheduler, store, batch, cfg)
         m.unet.set_attn_processor(saved)
-    ex._reset()
+    ex.reset()
     return {"ours": float(ours.total), "authors": float(theirs.total),
             "abs_diff": abs(float(ours.total) - float(theirs.total))}
 
@@ -75,31 +84,29 @@ def run_authors_flow(model_folder: str, scene: Scene, cfg: ExtractConfig, device
     ex = Extractor(model_folder, device=str(device), max_concepts=cfg.max_concepts, progress=False)
     times["load"] = time.perf_counter() - start
     m = ex.models
-    store = StoreEverything(loss_layers(m.unet, cfg.attn_downsample))
-    ex.store = store
-    install_explicit_everywhere(m.unet, store)
     n = scene.num_concepts
     resolution = cfg.resolution or m.native_resolution
     clock = time.perf_counter()
-    prepared = prepare_scene(scene, resolution)
-    ex._init_tokens(n, None)
+    # tokens and masks as ours; the latents are encoded again at every step below
+    prepared = ex.prepare(scene, _without_prior(cfg))
+    store = StoreEverything(loss_layers(m.unet, cfg.attn_downsample))
+    install_explicit_everywhere(m.unet, store)
     class_pixels = None
     if cfg.prior.enabled:  # generated again for every scene
         pipe = make_pipeline(m.unet, m.vae, m.text_encoder, m.tokenizer, m.scheduler.config)
         images = [generate_images(pipe, cfg.prior.class_prompt, [i], cfg.prior.generation_steps, 7.5,
                                   resolution)[0] for i in range(cfg.prior.num_class_images)]
         class_pixels = to_pixels(images).to(device)
-    data = ex._scene_tensors(prepared, cfg)  # for masks and prompts; latents are re-encoded below
     times["prepare"] = time.perf_counter() - clock
     rng = random.Random(cfg.seed)
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
-    pixels = prepared.pixels[None].to(device)
-    class_ids = ex._ids_for_text(cfg.prior.class_prompt)
+    pixels = prepared.inputs.pixels[None].to(device)
+    class_ids = ex.assets.ids_for_text(cfg.prior.class_prompt)
     scale = m.vae.config.scaling_factor
     T = m.scheduler.config.num_train_timesteps
 
     def step():
-        batch = ex._draw_batch(rng, gen, data, None, cfg, n)
+        batch = _instance_batch(ex, prepared.tensors, cfg, rng, gen)
         B = batch.latents.shape[0]
         with torch.no_grad():  # the script encodes the image again at every step
             batch.latents = m.vae.encode(pixels.expand(B, -1, -1, -1)).latent_dist.sample(generator=gen) * scale
@@ -111,15 +118,13 @@ def run_authors_flow(model_folder: str, scene: Scene, cfg: ExtractConfig, device
                 batch.class_timesteps = torch.randint(0, T, (B,), generator=gen, device=device)
         return training_step(m.unet, m.text_encoder, m.scheduler, store, batch, cfg)
 
-    emb = ex._embedding.weight
-    emb.requires_grad_(True)
-    p1 = run_phase("authors phase 1", cfg.phase1_steps, [{"params": [emb], "lr": cfg.phase1_lr}], [emb], step,
-                   ex._restore_other_rows(n), cfg, device, progress=False)
-    m.unet.requires_grad_(True)
-    m.text_encoder.requires_grad_(True)
-    params = list(m.unet.parameters()) + list(m.text_encoder.parameters())
-    p2 = run_phase("authors phase 2", cfg.phase2_steps, [{"params": params, "lr": cfg.phase2_lr}], params, step,
-                   lambda: None, cfg, device, progress=False)
+    # the script fine-tunes everything in phase 2: our `full` mode's parameters
+    full = cfg.model_copy(update={"phase2_mode": "full"})
+    p1 = run_phase("authors phase 1", cfg.phase1_steps,
+                   phase_setup("phase1", full, m.unet, m.text_encoder, after_step=ex.assets.keep_only_new_rows(n)),
+                   step, cfg=cfg, device=device, progress=False)
+    p2 = run_phase("authors phase 2", cfg.phase2_steps, phase_setup("phase2", full, m.unet, m.text_encoder),
+                   step, cfg=cfg, device=device, progress=False)
     times["phase1"], times["phase2"] = p1.seconds, p2.seconds
     clock = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:  # the whole pipeline, every scene

@@ -18,7 +18,8 @@ from benchmarks.authors_flow import StoreEverything, install_explicit_everywhere
 from breakscene.attention import install_capture, loss_layers
 from breakscene.config import ExtractConfig
 from breakscene.extractor import Extractor
-from breakscene.scene import Scene, prepare_scene
+from breakscene.scene import Scene
+from breakscene.tensors import draw_batch
 from breakscene.training import run_phase, training_step
 
 
@@ -56,13 +57,8 @@ class LeverBench:
         self.device = device
         self.scene = scene
         self.cfg = ExtractConfig(prior={"num_class_images": class_images, "generation_steps": 2}, grid_seeds=0)
-        ex, cfg = self.ex, self.cfg
         self.n = scene.num_concepts
-        resolution = ex.models.native_resolution
-        self.prepared = prepare_scene(scene, resolution)
-        ex._init_tokens(self.n, None)
-        self.data = ex._scene_tensors(self.prepared, cfg)
-        self.cls = ex._class_tensors(cfg, resolution)
+        self.prepared = self.ex.prepare(scene, self.cfg)
 
     def _apply(self, lv: Levers) -> tuple[ExtractConfig, object]:
         """Set the model-side levers; returns the config and the attention store to use."""
@@ -80,15 +76,17 @@ class LeverBench:
         return self.cfg.model_copy(update={"mixed_precision": mixed}), store
 
     def _step_fn(self, lv: Levers, cfg: ExtractConfig, store):
-        ex, m, data = self.ex, self.ex.models, self.data
+        ex, m, data = self.ex, self.ex.models, self.prepared.tensors
         rng, gen = random.Random(0), torch.Generator(device=self.device).manual_seed(0)
-        pixels = torch.stack([self.prepared.pixels, self.prepared.pixels.flip(-1)])
+        pixels = torch.stack([self.prepared.inputs.pixels, self.prepared.inputs.pixels.flip(-1)])
+        timesteps = m.scheduler.config.num_train_timesteps
 
         def step():
             if not lv.cached_latents:  # as the script does: both flips encoded again
-                mean, std = ex._encode_latents(pixels)
+                mean, std = ex.resident.encode_latents(pixels)
                 data.latent_mean, data.latent_std = [mean[0:1], mean[1:2]], [std[0:1], std[1:2]]
-            batch = ex._draw_batch(rng, gen, data, self.cls, cfg, self.n)
+            batch = draw_batch(data, self.prepared.class_tensors, cfg, rng=rng, gen=gen,
+                               encode_subset=ex.assets.encode_subset, num_train_timesteps=timesteps)
             terms = training_step(m.unet, m.text_encoder, m.scheduler, store, batch, cfg)
             if not lv.no_host_sync:
                 terms.total.detach().item()
@@ -103,27 +101,19 @@ class LeverBench:
         m.unet.train()
         m.text_encoder.train()
         try:
-            if phase == "phase1":
-                emb = ex._embedding.weight
-                emb.requires_grad_(True)
-                if not lv.frozen_weights_phase1:
-                    m.unet.requires_grad_(True)
-                    m.text_encoder.requires_grad_(True)
-                groups, trainable, after = [{"params": [emb], "lr": cfg.phase1_lr}], [emb], \
-                    ex._restore_other_rows(self.n)
-            else:
-                groups, trainable, after = ex._setup_phase2(cfg, self.n)
-            ex._set_checkpointing(lv.gradient_checkpointing)
-            fused = lv.fused_optimizer
-            run_phase("warm-up", warmup, groups, trainable, step, after, cfg, self.device, False, fused)
-            result = run_phase(phase, steps, groups, trainable, step, after, cfg, self.device, False, fused)
+            setup = ex.resident.phase_setup(phase, cfg, after_step=ex.assets.keep_only_new_rows(self.n))
+            if phase == "phase1" and not lv.frozen_weights_phase1:
+                m.unet.requires_grad_(True)
+                m.text_encoder.requires_grad_(True)
+            ex.resident.set_checkpointing(lv.gradient_checkpointing)
+            options = {"cfg": cfg, "device": self.device, "progress": False, "fused": lv.fused_optimizer}
+            run_phase("warm-up", warmup, setup, step, **options)
+            result = run_phase(phase, steps, setup, step, **options)
             return 1000 * result.seconds / steps
         finally:
             for p in list(m.unet.parameters()) + list(m.text_encoder.parameters()):
                 p.grad = None  # weight gradients of the no-freeze variant would linger
-            ex._reset()
-            ex._init_tokens(self.n, None)
-            self.data = ex._scene_tensors(self.prepared, self.cfg)  # undo any re-encoded latents
+            self.prepared = ex.prepare(self.scene, self.cfg)  # pristine weights, latents not re-encoded
 
 
 PHASES = {name: ("phase1", "phase2") for name in DESCRIPTIONS} | {"frozen_weights_phase1": ("phase1",)}

@@ -1,4 +1,5 @@
-"""The concept bundle: the unit the pipeline stores, and how to load it back for generation.
+"""The concept bundle: the unit the pipeline stores, how it is written from a trained scene,
+and how to load it back for generation.
 
 Layout (a local folder or any fsspec URI), shaped for diffusers' own loaders::
 
@@ -20,13 +21,18 @@ from __future__ import annotations
 import datetime as dt
 import json
 import tempfile
+import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors.torch import save_file
 
 from .errors import BundleError
-from .storage import exists, fetch_dir, join, read_bytes
+from .storage import exists, fetch_dir, join, publish_dir, read_bytes
+
+if TYPE_CHECKING:
+    from .extraction import ExtractionResult, TrainedScene
 
 MARKER = "bundle.json"
 FORMAT = "breakscene-bundle"
@@ -66,6 +72,119 @@ def save_text_encoder(text_encoder, vocab_rows: int, folder: Path) -> None:
     config.vocab_size = vocab_rows
     config.save_pretrained(folder)
     save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+
+
+def write_bundle(out: str, trained: TrainedScene, result: ExtractionResult) -> None:
+    """Write ``trained``'s bundle to ``out``: built in a temporary folder, then published with
+    ``bundle.json`` last, so a failure leaves nothing. Sets ``result``'s URIs and grid timing."""
+    with tempfile.TemporaryDirectory(prefix="bundle-") as tmp_name:
+        tmp = Path(tmp_name)
+        files: dict = {"embeddings": [], "masks": []}
+        _write_weights(tmp, trained, result.tokens, files)
+        _write_inputs(tmp, trained.prepared.inputs, files)
+        # Diagnostics in their own folder: diffusers' LoRA loader reads the root's .safetensors.
+        (tmp / "diagnostics").mkdir()
+        files["attention_maps"] = "diagnostics/attention_maps.safetensors"
+        save_file({"maps": torch.from_numpy(result.attention_maps).contiguous()}, tmp / files["attention_maps"])
+        sampler = _write_samples(tmp, trained, result, files)
+        info = _bundle_manifest(trained, result, files, sampler)
+        files["card"] = "README.md"
+        _write_card(tmp, info, out)
+        (tmp / MARKER).write_text(json.dumps(info, indent=2))
+        publish_dir(tmp, out, MARKER)
+    result.bundle_uri = out
+    result.grid_uri = join(out, "grid.png") if "grid" in files else None
+
+
+def _write_weights(tmp: Path, trained: TrainedScene, tokens: list[str], files: dict) -> None:
+    """One diffusers textual-inversion file per token; the phase-2 weights (LoRA at the root,
+    where ``pipe.load_lora_weights(bundle)`` looks, or whole unet/ and text_encoder/)."""
+    from .lora import lora_state_dicts
+
+    (tmp / "embeddings").mkdir()
+    assets, m, cfg = trained.assets, trained.models, trained.config
+    weight = assets.embedding.weight.detach()
+    for i, token in enumerate(tokens):
+        rel = f"embeddings/asset{i}.safetensors"
+        save_file({token: weight[assets.ids[i]].float().cpu().contiguous()}, tmp / rel)
+        files["embeddings"].append(rel)
+    if cfg.phase2_mode == "lora":
+        unet_sd, te_sd, meta = lora_state_dicts(m.unet, m.text_encoder if cfg.lora.text_encoder else None)
+        from diffusers import StableDiffusionPipeline
+
+        StableDiffusionPipeline.save_lora_weights(tmp, unet_lora_layers=unet_sd, text_encoder_lora_layers=te_sd,
+                                                  **meta)
+        files["lora"] = "pytorch_lora_weights.safetensors"
+        if not (tmp / files["lora"]).is_file():
+            raise RuntimeError(f"diffusers wrote no {files['lora']}")
+    else:
+        m.unet.save_pretrained(tmp / "unet")
+        save_text_encoder(m.text_encoder, assets.base_embedding_rows, tmp / "text_encoder")
+        files["unet"], files["text_encoder"] = "unet", "text_encoder"
+
+
+def _write_inputs(tmp: Path, inputs, files: dict) -> None:
+    """The image and masks exactly as trained on (after orientation, crop and resize): the
+    pixels are uint8 / 127.5 - 1, so the PNG holds them without loss."""
+    import numpy as np
+    from PIL import Image
+
+    from .scene import rgb_values
+
+    image = rgb_values(inputs.pixels).to(torch.uint8)
+    Image.fromarray(image.permute(1, 2, 0).numpy()).save(tmp / "image.png")
+    files["image"] = "image.png"
+    (tmp / "masks").mkdir()
+    for i, mask in enumerate(inputs.masks):
+        rel = f"masks/mask{i}.png"
+        Image.fromarray((mask.numpy() * 255).astype(np.uint8)).save(tmp / rel)
+        files["masks"].append(rel)
+
+
+def _write_samples(tmp: Path, trained: TrainedScene, result: ExtractionResult, files: dict) -> dict:
+    """The sample grid in one batched call (timed on its own), and its sampler, saved for
+    diffusers' loaders; returns the sampler record for the manifest."""
+    from . import generate
+
+    cfg, resolution = trained.config, trained.prepared.resolution
+    pipe = trained.pipeline(cfg.grid_scheduler)
+    seeds = list(range(cfg.grid_seeds))
+    prompts, batch_seeds = generate.grid_batch(result.tokens, seeds) if seeds else ([], [])
+    if seeds:
+        clock = time.perf_counter()
+        with generate.fused_attention(trained.models.unet), trained.resident.loaded_layout():
+            grid = generate.sample_grid(pipe, result.tokens, seeds, cfg.grid_inference_steps, cfg.guidance_scale,
+                                        resolution)
+        result.timings["grid"] = round(time.perf_counter() - clock, 3)
+        grid.save(tmp / "grid.png")
+        files["grid"] = "grid.png"
+    pipe.scheduler.save_pretrained(tmp / "scheduler")
+    files["scheduler"] = "scheduler"
+    return generate.sampler_record(pipe, steps=cfg.grid_inference_steps, guidance_scale=cfg.guidance_scale,
+                                   height=resolution, width=resolution, seeds=batch_seeds, prompts=prompts)
+
+
+def _bundle_manifest(trained: TrainedScene, result: ExtractionResult, files: dict, sampler: dict) -> dict:
+    m, scene, cfg = trained.models, trained.prepared.scene, trained.config
+    return manifest(
+        tokens=result.tokens, phase2_mode=cfg.phase2_mode, resolution=trained.prepared.resolution,
+        model={"id": m.model_id, "revision": m.revision, "preset": m.is_preset,
+               **base_reference(m.model_id, m.revision, m.is_preset)},
+        sampler=sampler, config=cfg.model_dump(mode="json"), losses=result.losses, timings=result.timings,
+        runtime=result.runtime,
+        image={"name": scene.image_name, "sha256": scene.image_hash, "width": scene.image.width,
+               "height": scene.image.height},
+        concepts=[{**c, "mask": files["masks"][c["index"]]} for c in result.concepts],
+        files=files, warnings=scene.warnings,
+    )
+
+
+def _write_card(tmp: Path, info: dict, out: str) -> None:
+    from . import modelcard
+
+    bundle_path, base, base_comment = card_paths(info, out)
+    (tmp / "README.md").write_text(modelcard.render(info, bundle_path=bundle_path, base=base,
+                                                    base_comment=base_comment))
 
 
 def base_reference(model_id: str, revision: str | None, preset: bool) -> dict:

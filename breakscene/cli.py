@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from .cli_options import finish_parser, package_version, setup_logging, show_defaults
-from .config import ExtractConfig, RuntimeConfig
+from .config import DEFAULT_MODEL, ExtractConfig, RuntimeConfig, validate_config
 from .errors import BreakSceneError
 
 log = logging.getLogger("breakscene")
@@ -31,7 +31,7 @@ def add_extract_parser(sub) -> None:
     p.add_argument("--mask", action="append", default=[], help="mask path or URI; repeat per concept")
     p.add_argument("--init-token", nargs="+", default=[], metavar="WORD",
                    help="initializer word per concept, in mask order")
-    p.add_argument("--model", default="stabilityai/stable-diffusion-2-1-base",
+    p.add_argument("--model", default=DEFAULT_MODEL,
                    help="preset (tiny, sd21-base-random), diffusers folder, fsspec URI or hub id")
     p.add_argument("--revision", default=None)
     p.add_argument("--config", help="YAML file with ExtractConfig fields (flags below override it)")
@@ -82,6 +82,7 @@ def add_generate_parser(sub) -> None:
                    help="strength of a lora bundle's adapters: 0 the base weights, 1 as trained (default: 1)")
     p.add_argument("--device")
     p.add_argument("--out", required=True, help="PNG file (several images are laid side by side)")
+    p.add_argument("--force", action="store_true", help="replace an existing file at --out")
     p.set_defaults(func=cmd_generate)
 
 
@@ -128,16 +129,6 @@ def config_from_args(args) -> ExtractConfig:
     if prior:
         data["prior"] = prior
     return validate_config(ExtractConfig, data, args.config or "command line")
-
-
-def validate_config(model, data: dict, where: str):
-    from pydantic import ValidationError
-
-    try:
-        return model.model_validate(data)
-    except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or '(top)'}: {e['msg']}" for e in exc.errors())
-        raise BreakSceneError(f"invalid configuration in {where}: {problems}") from None
 
 
 def cmd_extract(args) -> int:
@@ -204,7 +195,9 @@ def cmd_generate(args) -> int:
     if args.lora_scale is not None and not math.isfinite(args.lora_scale):
         raise BreakSceneError(f"--lora-scale {args.lora_scale} must be a finite number")
     from .models import pick_device
+    from .outputs import check_output_file
 
+    check_output_file(args.out, replace=args.force)
     pick_device(args.device)  # a bad --device is reported before the bundle is loaded
     pipe, info = load_bundle_pipeline(args.bundle, args.device, sampler=args.scheduler)
     unknown = [t for t in re.findall(r"<asset\d+>", args.prompt) if t not in info["tokens"]]

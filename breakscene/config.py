@@ -8,15 +8,30 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from .errors import BreakSceneError
 from .schedulers import SamplerName
+
+# The base model when none is named (a hub id); here rather than in models.py so that
+# validating a job file needs no torch / diffusers import.
+DEFAULT_MODEL = "stabilityai/stable-diffusion-2-1-base"
 
 
 class StrictModel(BaseModel):
     """Base for all configs: unknown keys are an error, not silently ignored."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def validate_config(model: type[BaseModel], data: dict, where: str):
+    """``model`` validated from ``data``, or one BreakSceneError naming ``where`` (a file,
+    "command line") and every field that is wrong."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or '(top)'}: {e['msg']}" for e in exc.errors())
+        raise BreakSceneError(f"invalid configuration in {where}: {problems}") from None
 
 
 class OptimizerConfig(StrictModel):
@@ -48,13 +63,14 @@ class LoraConfigFields(StrictModel):
 
 class RuntimeConfig(StrictModel):
     """How the resident models run. Nothing here changes what is learned beyond float
-    rounding, so it is a property of the Extractor, not of a run (not in bundles)."""
+    rounding, so it is a property of the Extractor, not of a run: it is not part of
+    ``ExtractConfig`` (nor of a cache key), and a bundle records it only as information."""
 
     channels_last: bool = True  # NHWC convolutions in the UNet (tensor cores on CUDA)
     compile: bool = False  # torch.compile the UNet once; pays off only over many scenes
     compile_backend: str = "inductor"  # torch.compile backend ("eager" traces without code generation)
-    # Recompute activations in backward instead of storing them. "auto": only for a
-    # `full` phase 2 on CUDA when the predicted peak would not fit the device (memory.py).
+    # Recompute activations in backward instead of storing them. "auto": decided for each
+    # phase on CUDA: on when that phase's predicted peak would not fit the device (memory.py).
     gradient_checkpointing: Literal["auto", "on", "off"] = "auto"
     memory_headroom: float = Field(0.9, gt=0, le=1)  # "auto" keeps the prediction under this share
 

@@ -1,4 +1,5 @@
-"""Pure mask helpers: decoding a mask image to booleans, resizing, RLE, IoU.
+"""Pure mask helpers, each written once: decoding a mask image to booleans, resizing,
+the centre square the extractor trains on, RLE, IoU.
 
 No file I/O here; see ``scene.py`` for reading files.
 """
@@ -66,9 +67,28 @@ def binarize(plane: np.ndarray) -> np.ndarray:
 
 
 def resize_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Nearest-neighbour resize of a boolean mask to (width, height)."""
+    """Nearest-neighbour resize of a boolean mask to (width, height) (no copy when it has
+    that size already)."""
+    if mask.shape == (size[1], size[0]):
+        return np.asarray(mask, dtype=bool)
     img = Image.fromarray(mask.astype(np.uint8) * 255)
     return np.asarray(img.resize(size, Image.NEAREST)) > 127
+
+
+def center_square(size: tuple[int, int]) -> tuple[int, int, int, int]:
+    """(left, top, right, bottom) of the largest centred square of a (width, height) image:
+    the part the extractor crops and trains on."""
+    w, h = size
+    s = min(w, h)
+    left, top = (w - s) // 2, (h - s) // 2
+    return left, top, left + s, top + s
+
+
+def center_fraction(mask: np.ndarray) -> float:
+    """The share of the mask's pixels inside the centre square (0 for an empty mask)."""
+    left, top, right, bottom = center_square((mask.shape[1], mask.shape[0]))
+    total = mask.sum()
+    return float(mask[top:bottom, left:right].sum() / total) if total else 0.0
 
 
 def downsample(masks: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from .attention import AttentionStore, install_capture
 from .config import ExtractConfig
-from .lora import add_lora
+from .phases import phase_setup, set_checkpointing
 from .training import Batch, training_step
 
 GIB = 2**30
@@ -129,32 +129,18 @@ def predict_step_memory(models, cfg: ExtractConfig, resolution: int, phase: str,
     other than "no"); on the CPU the Extractor trains in fp32."""
     unet, text_encoder = _meta_copies(models)
     cast = AUTOCAST_DTYPES.get(cfg.mixed_precision) if mixed_precision else None
-    embedding = text_encoder.get_input_embeddings().weight
-    if phase == "phase1":
-        trainable = [embedding]
-    elif phase == "phase2" and cfg.phase2_mode == "full":
-        trainable = list(unet.parameters()) + list(text_encoder.parameters())
-    elif phase == "phase2":
-        trainable = add_lora(unet, text_encoder if cfg.lora.text_encoder else None, cfg.lora) + [embedding]
-    else:
-        raise ValueError(f"phase must be 'phase1' or 'phase2', not {phase!r}")
-    trainable_bytes = sum(p.numel() * 4 for p in trainable)  # fp32 master weights
-    adapters = sum(p.numel() * 4 for p in trainable if p is not embedding) if cfg.phase2_mode == "lora" \
-        and phase == "phase2" else 0
+    # the Extractor's own rule: the same parameters train, adapters are added the same way
+    setup = phase_setup(phase, cfg, unet, text_encoder)
+    trainable_bytes = sum(p.numel() * 4 for p in setup.trainable)  # fp32 master weights
+    adapters = sum(p.numel() * 4 for p in setup.adapters)
     resident = sum(_nbytes(m.parameters()) for m in (models.unet, models.text_encoder, models.vae)) + adapters
     # autocast keeps a low-precision copy of each weight a matmul or convolution uses
     casts = (_nbytes(unet.parameters()) + _nbytes(text_encoder.parameters())) // 2 if cast else 0
 
-    unet.requires_grad_(False)
-    text_encoder.requires_grad_(False)
-    for p in trainable:
-        p.requires_grad_(True)
     if cast is not None:
         unet.to(cast)
         text_encoder.to(cast)
-    if checkpointing:
-        unet.enable_gradient_checkpointing()
-        text_encoder.activation_checkpointing_enable()
+    set_checkpointing(unet, text_encoder, checkpointing)
     unet.train()
     text_encoder.train()
     batch = step_batch(models, cfg, resolution, cast or torch.float32)

@@ -3,10 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-
-def _iou(a: np.ndarray, b: np.ndarray) -> float:
-    union = np.logical_or(a, b).sum()
-    return float(np.logical_and(a, b).sum() / union) if union else 0.0
+from .masks import iou
 
 
 def attention_diagnostic(maps: np.ndarray, masks: np.ndarray, threshold: float = 0.5) -> list[dict]:
@@ -24,7 +21,7 @@ def attention_diagnostic(maps: np.ndarray, masks: np.ndarray, threshold: float =
         amap = np.asarray(amap, dtype=np.float64)
         peak = amap.max()
         binary = amap / peak >= threshold if peak > 0 else np.zeros_like(amap, dtype=bool)
-        ious = [_iou(binary, m) for m in masks]
+        ious = [iou(binary, m) for m in masks]
         total = amap.sum()
         own = masks[k] if k < len(masks) else np.zeros_like(binary)
         out.append({

@@ -11,11 +11,10 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
+from .config import DEFAULT_MODEL
 from .errors import DeviceError, ModelLoadError
 from .presets import PRESETS, build_preset
 from .storage import atomic_local_dir, describe_error, filesystem, is_remote
-
-DEFAULT_MODEL = "stabilityai/stable-diffusion-2-1-base"
 
 
 def cache_root() -> Path:

@@ -61,6 +61,15 @@ def check_writable(uri: str, *, what: str = "--out", inside: bool = False) -> No
         raise OutputError(f"{what} {uri} cannot be written: {exc.strerror or exc} ({anchor})") from None
 
 
+def check_output_file(uri: str, *, replace: bool = False, what: str = "--out") -> None:
+    """Refuse to replace an existing file unless asked (``replace``), and a folder always:
+    a file the user already has is theirs, not ours."""
+    if not is_remote(uri) and _local(uri).is_dir():
+        raise OutputError(f"{what} {uri} is a folder; name the file to write")
+    if exists(uri) and not replace:
+        raise OutputError(f"{what} {uri} already exists; pass --force to replace it")
+
+
 def check_output_dir(uri: str, *, marker: str, inputs: list[str] = (), replace: bool = False,
                      what: str = "--out") -> None:
     """All checks for a folder that will be written whole (a bundle): not an input, not a

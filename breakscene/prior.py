@@ -64,5 +64,6 @@ def class_images(models: DiffusionModels, cfg: PriorConfig, resolution: int, pro
 def to_pixels(images: list[Image.Image]) -> torch.Tensor:
     import numpy as np
 
-    arr = np.stack([np.asarray(i, dtype=np.float32) for i in images])
-    return torch.from_numpy(arr).permute(0, 3, 1, 2) / 127.5 - 1.0
+    from .scene import model_pixels
+
+    return model_pixels(np.stack([np.asarray(i) for i in images]))

@@ -28,6 +28,7 @@ import numpy as np
 from scipy import ndimage
 from skimage import measure
 
+from .masks import center_fraction, iou
 from .quality_evidence import ImageEvidence, empty_evidence, image_evidence, mask_evidence
 from .quality_model import QualityModel, load_model
 
@@ -64,7 +65,7 @@ def shape_features(mask: np.ndarray, others: list[np.ndarray] = (), gt_masks: li
         roughness=float(1 - compactness),
         border_contact=float(border.mean()),
         max_overlap=float(max(overlaps, default=0.0)),
-        gt_iou=max((_iou(mask, g) for g in gt_masks), default=None),
+        gt_iou=max((iou(mask, g) for g in gt_masks), default=None),
     )
     return feats
 
@@ -98,19 +99,6 @@ def score_masks(image: np.ndarray, masks: list[np.ndarray], *, predicted_ious: l
     return [mask_features(m, ev, others=[o for j, o in enumerate(masks) if j != i], predicted_iou=pious[i],
                           stability_score=stabs[i], gt_masks=gt_masks, model=model)
             for i, m in enumerate(masks)]
-
-
-def center_fraction(mask: np.ndarray) -> float:
-    h, w = mask.shape
-    s = min(h, w)
-    top, left = (h - s) // 2, (w - s) // 2
-    total = mask.sum()
-    return float(mask[top:top + s, left:left + s].sum() / total) if total else 0.0
-
-
-def _iou(a: np.ndarray, b: np.ndarray) -> float:
-    union = np.logical_or(a, b).sum()
-    return float(np.logical_and(a, b).sum() / union) if union else 0.0
 
 
 def shape_score(f: dict) -> float:

@@ -226,16 +226,9 @@ class PreparedScene:
     masks: torch.Tensor  # (N, R, R) float {0, 1}
 
 
-def center_square(size: tuple[int, int]) -> tuple[int, int, int, int]:
-    w, h = size
-    s = min(w, h)
-    left, top = (w - s) // 2, (h - s) // 2
-    return left, top, left + s, top + s
-
-
 def prepare_masks(masks: np.ndarray, resolution: int, names: list[str] | None = None) -> torch.Tensor:
     """(N, H, W) bool masks -> (N, R, R) float, centre-cropped as ``prepare_scene`` crops."""
-    box = center_square((masks.shape[2], masks.shape[1]))
+    box = M.center_square((masks.shape[2], masks.shape[1]))
     out = []
     for name, mask in zip(names or [f"mask{i}" for i in range(len(masks))], masks):
         crop = mask[box[1]:box[3], box[0]:box[2]]
@@ -248,7 +241,17 @@ def prepare_masks(masks: np.ndarray, resolution: int, names: list[str] | None = 
 
 def prepare_scene(scene: Scene, resolution: int) -> PreparedScene:
     """Centre-crop image and masks together to a square and resize to ``resolution``."""
-    box = center_square(scene.image.size)
+    box = M.center_square(scene.image.size)
     img = scene.image.crop(box).resize((resolution, resolution), Image.BICUBIC)
-    pixels = torch.from_numpy(np.asarray(img, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1.0
+    pixels = model_pixels(np.asarray(img))
     return PreparedScene(pixels=pixels, masks=prepare_masks(scene.masks, resolution, scene.mask_names or None))
+
+
+def model_pixels(rgb: np.ndarray) -> torch.Tensor:
+    """uint8 RGB (..., H, W, 3) -> float (..., 3, H, W) in [-1, 1], the models' pixel range."""
+    return torch.from_numpy(np.asarray(rgb, dtype=np.float32)).movedim(-1, -3) / 127.5 - 1.0
+
+
+def rgb_values(pixels: torch.Tensor) -> torch.Tensor:
+    """``model_pixels`` undone: rounded values 0..255 (exact for pixels it made)."""
+    return ((pixels + 1.0) * 127.5).round().clamp(0, 255)

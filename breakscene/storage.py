@@ -65,7 +65,7 @@ def io_settings() -> tuple[float, int]:
     return float(timeout), int(retries)
 
 
-def _protocol_options(protocol: str, timeout: float, retries: int) -> dict:
+def protocol_options(protocol: str, timeout: float, retries: int) -> dict:
     """The fsspec options that bound a request's time for one protocol."""
     if protocol in ("http", "https"):
         import aiohttp
@@ -92,7 +92,7 @@ def filesystem(uri: str):
     if "::" in uri or protocol in ("file", "local", "memory"):
         return fsspec.core.url_to_fs(uri)
     timeout, retries = io_settings()
-    options = _merge(_protocol_options(protocol, timeout, retries), fsspec.config.conf.get(protocol, {}))
+    options = _merge(protocol_options(protocol, timeout, retries), fsspec.config.conf.get(protocol, {}))
     return fsspec.core.url_to_fs(uri, **options)
 
 

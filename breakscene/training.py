@@ -7,8 +7,10 @@ compare with hand-computed numbers. ``run_phase`` owns the optimiser and the loo
 from __future__ import annotations
 
 import contextlib
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +19,9 @@ from tqdm.auto import tqdm
 from .attention import AttentionStore, token_maps
 from .config import ExtractConfig
 from .losses import attention_loss, masked_mse
+
+if TYPE_CHECKING:
+    from .phases import PhaseSetup
 
 
 @dataclass
@@ -122,17 +127,16 @@ class PhaseResult:
         return out
 
 
-def run_phase(name: str, steps: int, param_groups: list[dict], trainable: Iterable[torch.nn.Parameter],
-              step_fn: Callable[[], LossTerms], after_step: Callable[[], None], cfg: ExtractConfig,
+def run_phase(name: str, steps: int, setup: PhaseSetup, step_fn: Callable[[], LossTerms], *, cfg: ExtractConfig,
               device: torch.device, progress: bool = True, fused: bool | None = None) -> PhaseResult:
-    """Run ``steps`` optimiser steps. Loss values stay on the device until the end: no host
-    synchronisation inside the loop except the progress bar's occasional refresh.
+    """Run ``steps`` optimiser steps over ``setup``'s parameter groups (``phases.phase_setup``),
+    calling its ``after_step`` after each. Loss values stay on the device until the end: no
+    host synchronisation inside the loop except the progress bar's occasional refresh.
 
     ``fused``: one fused AdamW kernel for all parameters (default: on CUDA)."""
-    import time
-
-    trainable = [p for p in trainable if p.requires_grad]
-    opt = torch.optim.AdamW(param_groups, betas=cfg.optimizer.betas, weight_decay=cfg.optimizer.weight_decay,
+    trainable = [p for p in setup.trainable if p.requires_grad]
+    after_step = setup.after_step
+    opt = torch.optim.AdamW(setup.groups, betas=cfg.optimizer.betas, weight_decay=cfg.optimizer.weight_decay,
                             eps=cfg.optimizer.eps, fused=device.type == "cuda" if fused is None else fused)
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and cfg.mixed_precision == "fp16")
     history = torch.zeros(steps, len(LOSS_NAMES), device=device)

@@ -76,7 +76,7 @@ def add_parsers(sub) -> None:
 
 
 def _load(args):
-    from .config import load_job
+    from .jobfile import load_job
 
     overrides = {"manifest": args.manifest, "output": args.output, "stop_after": getattr(args, "stop_after", None)}
     if args.force:
@@ -89,7 +89,7 @@ def cmd_run(args) -> int:
 
     job = _load(args)
     if job.kind == "study":
-        from .study import run_study
+        from robustness.driver import run_study
 
         print(json.dumps(run_study(job, address=args.address)))
         return 0
@@ -116,7 +116,7 @@ def cmd_submit(args) -> int:
 def cmd_report(args) -> int:
     from breakscene.errors import BreakSceneError
 
-    from .report import build_report
+    from robustness.report import build_report
 
     try:
         summary = build_report(args.results, args.out)

@@ -1,17 +1,13 @@
-"""The job file: the library's ExtractConfig plus the pipeline's own settings, validated
-up front so that an unknown key or a bad value stops the run with its name."""
+"""The job's settings: the library's ExtractConfig plus the pipeline's own, validated up
+front so that an unknown key or a bad value stops the run with its name. Reading the
+YAML file is ``jobfile.load_job``; nothing here imports torch."""
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Literal
 
-import yaml
 from pydantic import Field, model_validator
 
-from breakscene.cli import validate_config
-from breakscene.config import ExtractConfig, RuntimeConfig, StrictModel
-from breakscene.errors import BreakSceneError
-from breakscene.models import DEFAULT_MODEL
+from breakscene.config import DEFAULT_MODEL, ExtractConfig, RuntimeConfig, StrictModel
 from breakscene.storage import DEFAULT_RETRIES, DEFAULT_TIMEOUT_S, configure
 
 
@@ -142,27 +138,3 @@ class JobConfig(StrictModel):
             raise ValueError(f"extract.max_concepts ({self.extract.max_concepts}) is below "
                              f"selection.max_concepts ({self.selection.max_concepts})")
         return self
-
-
-def load_job(path: str | Path, overrides: dict | None = None):
-    """A JobConfig, or a StudyConfig for files with ``kind: study``."""
-    path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except OSError as exc:
-        raise BreakSceneError(f"job file {path} cannot be read: {exc}") from None
-    except yaml.YAMLError as exc:
-        raise BreakSceneError(f"job file {path} is not valid YAML: {exc}") from None
-    if not isinstance(data, dict):
-        raise BreakSceneError(f"job file {path} must be a mapping of settings")
-    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
-    if isinstance(overrides.get("manifest"), str) and isinstance(data.get("manifest"), dict):
-        overrides["manifest"] = {**data["manifest"], "uri": overrides["manifest"]}  # keep the column mapping
-    data.update(overrides)
-    if data.get("kind") == "study":
-        from .study import StudyConfig
-
-        if "force" in data:
-            raise BreakSceneError(f"{path}: a study never recomputes finished cells; remove its outputs to redo them")
-        return validate_config(StudyConfig, data, str(path))
-    return validate_config(JobConfig, data, str(path))

@@ -9,8 +9,9 @@ one message before any work. Each worker then streams its shard in batches:
   ``images`` table;
 - ``image_uri`` and ``image_id`` are read as strings exactly as written (CSV ``007``
   stays ``"007"``);
-- rows whose explicit id the output already holds as done are dropped in one vectorised
-  ``is_in`` (the done set comes from the ``images`` table, see ``pipeline/run.py``);
+- rows whose explicit id the output already holds as done are dropped, a batch at a
+  time, by a lookup in the prepared done set (``pipeline/doneset.py``: O(batch x log
+  history), where ``is_in`` per batch would rebuild a hash of the whole history each time);
 - a malformed row, a refused id or a repeated explicit id is rejected alone, named by its
   file and row (``ManifestTally`` counts and keeps the first messages), and the rest go on.
 """
@@ -21,6 +22,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Iterator
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
@@ -29,6 +31,7 @@ import pyarrow.parquet as pq
 from breakscene.errors import BreakSceneError
 from breakscene.storage import filesystem
 
+from .doneset import resolve
 from .keys import id_problem
 
 COLUMNS = ("image_uri", "image_id", "mask_uris", "labels", "gt_mask_uris")
@@ -140,10 +143,11 @@ class ManifestTally:
     def claim_ids(self, ids: list[str], labels: list[str]) -> list[str]:
         return [self.owner.setdefault(i, label) for i, label in zip(ids, labels)]
 
-    def report(self, rows: int, done: int, rejected: list[dict]) -> None:
+    def report(self, rows: int, done: int, rejected: list[dict], more_rejected: int = 0) -> None:
+        """``more_rejected``: rejected rows beyond the messages a worker kept."""
         self.counts["rows"] += rows
         self.counts["done"] += done
-        self.counts["rejected"] += len(rejected)
+        self.counts["rejected"] += len(rejected) + more_rejected
         self.rejected.extend(rejected[: max(0, MAX_MESSAGES - len(self.rejected))])
 
     def result(self) -> dict:
@@ -233,25 +237,28 @@ def stage_row(raw: dict, spec: ManifestSpec, file: str, row: int, label: str) ->
             "masks": "[]", "features": "[]", "selected": "[]", "timings": "{}", "record": ""}
 
 
-def read_shard(batch: dict, spec: dict, done: pa.Array | None, tally, single: bool, storage: dict | None = None):
+def read_shard(batch: dict, spec: dict, done, tally, single: bool,
+               storage: dict | None = None):
     """Ray Data ``map_batches`` generator over shard items ({"uri", "index"}): yields the
-    stage rows of rows still to do, in Arrow tables of up to ``BATCH_ROWS`` rows."""
+    stage rows of rows still to do, in Arrow tables of up to ``BATCH_ROWS`` rows. Counts
+    go to ``tally`` once per shard (and when a shard fails), not once per batch.
+    ``done``: see ``doneset.resolve``."""
     from breakscene.storage import configure
 
     configure(storage or {})
     spec_ = ManifestSpec(**spec)
+    done = resolve(done)
     for uri in batch["uri"]:
         uri = str(uri)
         first = 0
+        counts = {"rows": 0, "done": 0, "rejected": [], "more": 0}
         try:
             for part in _batches(uri, spec_):
                 lines = isinstance(part, list)
                 n = len(part) if lines else part.num_rows
                 base, first = first, first + n
-                ids = _ids(part, spec_)
-                if done is not None and len(done):
-                    is_done = pc.fill_null(pc.is_in(ids, value_set=done), False)
-                    keep = pc.indices_nonzero(pc.invert(is_done)).to_pylist()
+                if done is not None:
+                    keep = np.flatnonzero(~done.contains(_ids(part, spec_))).tolist()
                 else:
                     keep = list(range(n))
                 raws = [part[i] for i in keep] if lines else part.take(pa.array(keep, pa.int64())).to_pylist()
@@ -269,13 +276,19 @@ def read_shard(batch: dict, spec: dict, done: pa.Array | None, tally, single: bo
                                          "error": f"manifest {uri} row {row}: {exc}"})
                 out = _claim_ids(out, tally, rejected)
                 blanks = sum(1 for x in part if x is None) if lines else 0
-                _call(tally, "report", n - blanks, n - len(keep), rejected)
+                counts["rows"] += n - blanks
+                counts["done"] += n - len(keep)
+                room = max(0, MAX_MESSAGES - len(counts["rejected"]))  # beyond it only the count travels
+                counts["rejected"].extend(rejected[:room])
+                counts["more"] += len(rejected) - len(rejected[:room])
                 if out:
                     yield pa.Table.from_pylist(out, schema=STAGE_SCHEMA)
         except (OSError, pa.ArrowInvalid, UnicodeDecodeError) as exc:  # a malformed shard fails alone
-            _call(tally, "report", 1, 0, [{"manifest_file": uri, "manifest_row": first, "image_id": None,
-                                           "error": f"manifest {uri} cannot be read from row {first}: "
-                                                    f"{type(exc).__name__}: {exc}"}])
+            counts["rows"] += 1
+            counts["rejected"].append({"manifest_file": uri, "manifest_row": first, "image_id": None,
+                                       "error": f"manifest {uri} cannot be read from row {first}: "
+                                                f"{type(exc).__name__}: {exc}"})
+        _call(tally, "report", counts["rows"], counts["done"], counts["rejected"], counts["more"])
 
 
 def _claim_ids(rows: list[dict], tally, rejected: list[dict]) -> list[dict]:

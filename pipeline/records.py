@@ -10,14 +10,14 @@ workers staged: a run never reads the records of earlier runs.
 from __future__ import annotations
 
 import hashlib
-import json
 
 import pyarrow as pa
 
 from breakscene.quality_evidence import EVIDENCE_COLUMNS
-from breakscene.storage import filesystem, join, write_bytes
+from breakscene.storage import join
 
 from . import tables as T
+from .artifacts import read_json_folder, write_json
 from .keys import storage_key
 
 DONE_STATUSES = ("ok", "skipped")
@@ -69,26 +69,13 @@ def bundle_uri(out: str, image_id: str) -> str:
 
 
 def write_record(out: str, record: dict) -> str:
-    uri = record_uri(out, record["image"]["image_id"])
-    write_bytes(uri, json.dumps(record).encode())
-    return uri
+    return write_json(record_uri(out, record["image"]["image_id"]), record)
 
 
 def read_records(out: str) -> dict[str, dict]:
     """Every record under OUT/records (a tool for tests and benchmarks: runs never call
     it, since it reads history object by object)."""
-    fs, root = filesystem(join(out, "records"))
-    if not fs.exists(root):
-        return {}
-    paths = [p for p in fs.ls(root, detail=False) if p.endswith(".json")]
-    if not paths:
-        return {}
-    contents = fs.cat(paths)  # concurrent on object stores
-    records = {}
-    for data in contents.values():
-        rec = json.loads(data)
-        records[rec["image"]["image_id"]] = rec
-    return records
+    return {rec["image"]["image_id"]: rec for rec in read_json_folder(join(out, "records"))}
 
 
 def table_rows(records: list[dict], extra_images: list[dict] = ()) -> dict[str, pa.Table]:

@@ -23,14 +23,15 @@ from typing import Callable
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from breakscene.storage import PARTIAL, filesystem, join, remove, write_bytes
+from breakscene.storage import PARTIAL, filesystem, join, write_bytes
 
 from . import manifest as MF
 from . import records as R
 from . import tables as T
+from .cluster import auto_gpus, init_ray
 from .config import JobConfig
 from .demo import build_demo_inputs
-from .keys import id_problem
+from .doneset import DoneSet
 from .lease import Lease
 from .preflight import check_job
 from .resources import fit_plan, stage_plan
@@ -40,32 +41,13 @@ from .stages import ContentClaims, Extract, Segment, load_images, score_and_sele
 log = logging.getLogger(__name__)
 ROWS_PER_BLOCK = 512  # at most, per Ray Data block through the cheap stages (at least 8 blocks)
 EXTRACT_ROWS_PER_BLOCK = 16  # at most, per block into extraction (seconds per image)
+# Arrow batches into every stage: a pandas batch costs a conversion each way per call
+# (12 ms per row at the extract stage's one-row batches; see pipeline/batches.py)
+FORMAT = "pyarrow"
 
 
 def new_run_id() -> str:
     return dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
-
-
-def split_duplicates(rows: list[dict]) -> tuple[list[dict], list[dict]]:
-    """Rows whose explicit image_id repeats an earlier row's, or is refused
-    (``keys.id_problem``), are rejected, not processed. (The run itself applies the same
-    rules while Ray Data reads the manifest: ``manifest.read_shard``.)"""
-    seen: dict[str, int] = {}
-    keep, rejected = [], []
-    for row in rows:
-        image_id = row["image_id"]
-        problem = id_problem(image_id) if image_id is not None else None
-        if problem is None and image_id is not None and image_id in seen:
-            problem = f"duplicate image_id {image_id!r} (first at row {seen[image_id]})"
-        if problem:
-            rejected.append({"image_id": image_id, "image_uri": row["image_uri"], "manifest_row": row["manifest_row"],
-                             "status": "failed", "width": 0, "height": 0, "warnings": [], "n_masks": 0,
-                             "n_concepts": 0, "bundle_uri": "", "mask_source": "", "error": f"manifest: {problem}"})
-            continue
-        if image_id is not None:
-            seen[image_id] = row["manifest_row"]
-        keep.append(row)
-    return keep, rejected
 
 
 def cleanup_partial(out: str) -> int:
@@ -87,25 +69,6 @@ def cleanup_partial(out: str) -> int:
             fs.rm(path, recursive=True)
             removed += 1
     return removed
-
-
-def _init_ray(job: JobConfig, address: str | None):
-    import ray
-
-    if ray.is_initialized():
-        return ray
-    if address:
-        ray.init(address=address, log_to_driver=True)
-    else:  # inside `ray job submit` RAY_ADDRESS is set and init() joins that cluster
-        import os
-
-        if os.environ.get("RAY_ADDRESS"):
-            ray.init()
-        else:
-            # "local": a new embedded cluster even when another one runs on this machine.
-            ray.init(address="local", num_cpus=job.resources.num_cpus, num_gpus=job.resources.num_gpus,
-                     include_dashboard=False)
-    return ray
 
 
 @dataclass
@@ -136,9 +99,10 @@ def run_job(job: JobConfig, address: str | None = None, *, stages: StageFns | No
         T.clear_staging(out)  # a dead run's uncommitted rows (the lease says none is running)
         # 2. done set: one scan of two columns of the images table
         scan = R.scan_images(out)
-        done = pa.array([], pa.string()) if job.force else R.done_ids(out, job.stop_after)
+        done = DoneSet(None if job.force else R.done_ids(out, job.stop_after))  # hashed and sorted once
         driver["plan"] = time.perf_counter() - tick
-        ray = _init_ray(job, address)
+        ray = init_ray(job.resources, address)
+        done = ray.put(done) if len(done) else None  # once in the object store, for every stage that reads it
         # 3. manifest rows still to do, read by Ray Data; then the stages
         tick = time.perf_counter()
         todo, manifest_counts = _read_manifest(ray, spec, shards, done, job)
@@ -149,11 +113,15 @@ def run_job(job: JobConfig, address: str | None = None, *, stages: StageFns | No
               + (f" (stop after {job.stop_after})" if job.stop_after != "extract" else ""), flush=True)
         tally = Tally()
         tick = time.perf_counter()
+        fold = 0.0  # the driver's own work on the stream: the longest any stage could wait on it
         if n_todo:
             for batch in _plan(ray, job, todo, run_id, done, stages or StageFns()).iter_batches(
                     batch_size=None, batch_format="pyarrow"):
+                start = time.perf_counter()
                 tally.add(batch)
+                fold += time.perf_counter() - start
         driver["stream"] = time.perf_counter() - tick
+        driver["stream_fold"] = fold
         # 4. one commit per table
         tick = time.perf_counter()
         counts = T.commit_run(out, run_id, _tables(job), replace_ids=_replaced(out, run_id, scan))
@@ -169,7 +137,7 @@ def _tables(job: JobConfig) -> dict[str, pa.Schema]:
     return R.TABLES if job.stop_after == "extract" else {k: R.TABLES[k] for k in ("images", "masks")}
 
 
-def _read_manifest(ray, spec: MF.ManifestSpec, shards: list[str], done: pa.Array, job: JobConfig):
+def _read_manifest(ray, spec: MF.ManifestSpec, shards: list[str], done, job: JobConfig):
     """The rows still to do, materialised in Ray's object store (not on the driver), and
     the manifest's counts."""
     tally = ray.remote(num_cpus=0)(MF.ManifestTally).remote()
@@ -183,7 +151,7 @@ def _read_manifest(ray, spec: MF.ManifestSpec, shards: list[str], done: pa.Array
     return todo, counts
 
 
-def _plan(ray, job: JobConfig, todo, run_id: str, done: pa.Array, fns: StageFns):
+def _plan(ray, job: JobConfig, todo, run_id: str, done, fns: StageFns):
     """The stages on Ray Data: blocks of up to ``ROWS_PER_BLOCK`` rows through the cheap
     stages, smaller ones into extraction (seconds per image: every actor gets work)."""
     from ray.data import ActorPoolStrategy
@@ -206,31 +174,38 @@ def _plan(ray, job: JobConfig, todo, run_id: str, done: pa.Array, fns: StageFns)
     n = todo.count()
     ds = todo.repartition(target_num_rows_per_block=min(ROWS_PER_BLOCK, max(1, n // 8)))
     # several images per load task: fetches are I/O, a batch shares the task's start-up
-    ds = ds.map_batches(fns.load, batch_size=8, batch_format="pandas", num_cpus=plan["load"]["num_cpus"],
+    ds = ds.map_batches(fns.load, batch_size=8, batch_format=FORMAT, num_cpus=plan["load"]["num_cpus"],
                         fn_kwargs={"storage": job.storage.options, "claims": claims,
                                    "timeout_s": job.storage.timeout_s, "retries": job.storage.retries})
-    ds = ds.map_batches(skip_done, batch_size=None, batch_format="pandas", num_cpus=0.1,
-                        fn_kwargs={"done": done if len(done) else None})
+    # the same CPU share as load, so that Ray Data fuses the two into one task per block
+    ds = ds.map_batches(skip_done, batch_size=None, batch_format=FORMAT, num_cpus=plan["load"]["num_cpus"],
+                        fn_kwargs={"done": done})
     # several images per Segment call: SAM encodes them in one batched forward
     seg_batch = job.segmenter.image_batch if job.segmenter.kind in ("sam", "tiny-sam") else 8
-    ds = ds.map_batches(fns.segment, batch_size=seg_batch, batch_format="pandas", num_cpus=plan["segment"]["num_cpus"],
+    ds = ds.map_batches(fns.segment, batch_size=seg_batch, batch_format=FORMAT, num_cpus=plan["segment"]["num_cpus"],
                         num_gpus=seg_gpus,
                         compute=ActorPoolStrategy(min_size=1, max_size=plan["segment"]["actors"]),
                         fn_constructor_kwargs={"job": job_dict})
-    ds = ds.map_batches(fns.score, batch_size=8, batch_format="pandas", num_cpus=plan["score"]["num_cpus"],
+    ds = ds.map_batches(fns.score, batch_size=8, batch_format=FORMAT, num_cpus=plan["score"]["num_cpus"],
                         fn_kwargs={"job": job_dict})
     if extract:
-        ds = ds.repartition(target_num_rows_per_block=min(EXTRACT_ROWS_PER_BLOCK,
-                                                          max(1, n // (4 * res.extract_actors))))
-        ds = ds.map_batches(fns.extract, batch_size=1, batch_format="pandas", num_cpus=plan["extract"]["num_cpus"],
+        block = min(EXTRACT_ROWS_PER_BLOCK, max(1, n // (4 * res.extract_actors)))
+        ds = ds.repartition(target_num_rows_per_block=block)
+        # a whole small block per call: Extract works row by row inside a call (one image on
+        # the GPU at a time), and a call per row cost Ray Data's batching once per row
+        ds = ds.map_batches(fns.extract, batch_size=block, batch_format=FORMAT, num_cpus=plan["extract"]["num_cpus"],
                             num_gpus=ext_gpus,
                             compute=ActorPoolStrategy(min_size=1, max_size=plan["extract"]["actors"]),
                             fn_constructor_kwargs={"job": job_dict, "run_id": run_id,
                                                    "threads": None if has_gpu else res.num_cpus})
+        last_cpus, stage_rows = 0.1, 256  # small extraction blocks gathered into fewer staged files
     else:  # score-only: no extraction stage, so no diffusion model is ever loaded
-        ds = ds.map_batches(fns.finish, batch_size=None, batch_format="pandas", num_cpus=0.1,
+        # score, finish and stage share a CPU share: Ray Data fuses them into one task per
+        # block (a batch size for stage would gather blocks, and fewer score tasks run at once)
+        last_cpus, stage_rows = plan["score"]["num_cpus"], None
+        ds = ds.map_batches(fns.finish, batch_size=None, batch_format=FORMAT, num_cpus=last_cpus,
                             fn_kwargs={"run_id": run_id})
-    return ds.map_batches(fns.stage, batch_size=256, batch_format="pandas", num_cpus=0.1,
+    return ds.map_batches(fns.stage, batch_size=stage_rows, batch_format=FORMAT, num_cpus=last_cpus,
                           fn_kwargs={"out": job.output, "run_id": run_id, "storage": job.storage.options})
 
 
@@ -239,21 +214,11 @@ def _replaced(out: str, run_id: str, scan: pa.Table) -> set[str]:
     a scored one extracted, ``force``): their rows are replaced, the rest appended."""
     if scan.num_rows == 0:
         return set()
-    staged = T._staged(out, run_id, "images", R.IMAGES_SCHEMA)
+    staged = T.staged(out, run_id, "images", R.IMAGES_SCHEMA)
     if staged is None:
         return set()
     ids = staged.to_table(columns=["image_id"]).column("image_id")
     return set(pc.filter(ids, pc.is_in(ids, value_set=scan.column("image_id"))).to_pylist())
-
-
-def auto_gpus(gpus: float, res) -> tuple[float, float]:
-    """GPUs per segment and extract actor. Unset values ask for GPUs only when the cluster
-    has them, and segmentation shares a GPU only when every actor still fits."""
-    ext = res.extract_gpus if res.extract_gpus is not None else (1.0 if gpus >= 1 else 0.0)
-    if res.segment_gpus is not None:
-        return res.segment_gpus, ext
-    spare = gpus - ext * res.extract_actors
-    return (0.25 if spare >= 0.25 * res.segment_actors else 0.0), ext
 
 
 def _summary(run_id, job, manifest, tally: Tally, mcounts: dict, counts, seconds, driver) -> dict:
@@ -275,10 +240,5 @@ def _summary(run_id, job, manifest, tally: Tally, mcounts: dict, counts, seconds
     }
 
 
-def remove_outputs(out: str) -> None:
-    for name in ("records", "bundles", "images", "masks", "concepts", "summary.json", T.STAGING):
-        remove(join(out, name))
-
-
-__all__ = ["run_job", "StageFns", "auto_gpus", "cleanup_partial", "new_run_id", "split_duplicates",
-           "remove_outputs", "SUMMARY_SCHEMA"]
+__all__ = ["run_job", "StageFns", "cleanup_partial", "new_run_id",
+           "SUMMARY_SCHEMA"]

@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 
 from breakscene.errors import BreakSceneError
+from breakscene.masks import resize_mask
 from breakscene.models import cache_root
 from breakscene.storage import filesystem, is_remote
 
@@ -35,12 +36,6 @@ def _downscale(image: np.ndarray, max_side: int) -> np.ndarray:
         return image
     scale = max_side / max(h, w)
     return np.asarray(Image.fromarray(image).resize((round(w * scale), round(h * scale)), Image.BILINEAR))
-
-
-def _upscale_mask(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    if mask.shape == shape:
-        return mask
-    return np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize(shape[::-1], Image.NEAREST)) > 127
 
 
 def local_checkpoint(uri: str) -> Path:
@@ -129,7 +124,7 @@ class SamSegmenter:
             for image, scaled in zip(images, small):
                 with self._autocast():
                     found = self.generator.generate(scaled)
-                results.append([{"mask": _upscale_mask(m["segmentation"], image.shape[:2]),
+                results.append([{"mask": resize_mask(m["segmentation"], image.shape[1::-1]),
                                  "predicted_iou": float(m["predicted_iou"]),
                                  "stability_score": float(m["stability_score"])} for m in found])
             return results
@@ -183,7 +178,7 @@ class ClassicalSegmenter:
         for value in np.unique(labels):
             mask = labels == value
             if mask.mean() >= self.cfg.min_size_fraction:
-                out.append({"mask": _upscale_mask(mask, image.shape[:2]), "predicted_iou": None,
+                out.append({"mask": resize_mask(mask, image.shape[1::-1]), "predicted_iou": None,
                             "stability_score": None})
         return out
 

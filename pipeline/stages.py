@@ -1,6 +1,8 @@
-"""Ray Data stages. Each is ``__call__(batch) -> batch`` on pandas batches; models load
-once in ``__init__``; a row that fails gets ``status="failed"`` and an ``error`` message
-and flows on, so one bad image never stops the dataset.
+"""Ray Data stages, each ``batch -> batch`` on Arrow (in a run) or pandas batches. The actor stages are
+classes whose setup (config, storage settings) is done once in ``__init__``; their models
+are built there (``Extract``) or on first use (``Segment``: rows with user masks need
+none). A row that fails gets ``status="failed"`` and an ``error`` message and flows on, so
+one bad image never stops the dataset.
 
 Row columns: image_id, image_uri, manifest_row, mask_uris, labels, gt_mask_uris (JSON
 lists), image_bytes, width, height, status, error, warnings (JSON), masks (JSON list of
@@ -26,17 +28,19 @@ from breakscene.scene import SUPPORTED_FORMATS, build_scene, decode_image, load_
 from breakscene.storage import configure, read_bytes
 
 from . import records as R
+from .batches import batch_like, rows_of
 from .config import JobConfig
 
 log = logging.getLogger(__name__)
 
 
-def _rows(batch: pd.DataFrame) -> list[dict]:
-    return batch.to_dict("records")
+def _rows(batch) -> list[dict]:
+    return rows_of(batch)
 
 
-def _batch(rows: list[dict]) -> pd.DataFrame:
-    return pd.DataFrame(rows)
+def _batch(rows: list[dict], like):
+    """``rows`` in the format of the batch they came in (Arrow in a run: ``pipeline/batches.py``)."""
+    return batch_like(rows, like)
 
 
 def _fail(row: dict, exc: BaseException, stage: str) -> None:
@@ -111,7 +115,7 @@ def load_images(batch: pd.DataFrame, storage: dict, claims=None, *, timeout_s: f
             _fail(row, exc, "load")
             row["image_id"] = row["image_id"] or R.uri_id(row["image_uri"])
         _time(row, "load", time.perf_counter() - start)
-    return _batch(rows)
+    return _batch(rows, batch)
 
 
 def _claim(row: dict, claims) -> None:
@@ -166,7 +170,7 @@ class Segment:
             _time(row, "segment", time.perf_counter() - start)
         if automatic:
             self._segment_together(automatic)
-        return _batch(rows)
+        return _batch(rows, batch)
 
     def _segment_together(self, work: list[tuple[dict, np.ndarray]]) -> None:
         """One batched segmenter call (shared image-encoder passes); if it fails, each image
@@ -193,44 +197,59 @@ class Segment:
                                     "stability_score": m["stability_score"]} for m in found])
 
 
-def score_and_select(batch: pd.DataFrame, job: dict) -> pd.DataFrame:
+class ScoreAndSelect:
     """Quality features and the predicted-IoU ``quality`` of every mask (from the masks and
-    the decoded photograph); choose the concepts (user masks: all of them). A plain task."""
-    job_cfg = JobConfig.model_validate(job)
-    job_cfg.storage.apply()
-    sel = job_cfg.selection
-    rows = _rows(batch)
-    for row in rows:
-        if row["status"] != "ok":
-            continue
-        start = time.perf_counter()
-        try:
-            found = json.loads(row["masks"])
-            masks = [M.decode_rle(m["rle"]) for m in found]
-            size = (int(row["width"]), int(row["height"]))
-            warnings: list[str] = []
-            gt = [mask_from_image(load_mask_image(u), u, size, warnings) for u in json.loads(row["gt_mask_uris"])]
-            _warn(row, warnings)
-            # the score reads the photograph too: evidence at analysis size, computed once per image
-            image = np.asarray(decode_image(row["image_bytes"], row["image_uri"]))
-            feats = score_masks(image, masks, predicted_ious=[f["predicted_iou"] for f in found],
-                                stability_scores=[f["stability_score"] for f in found], gt_masks=gt)
-            if found and found[0]["source"] == "user":
-                chosen = list(range(min(len(masks), sel.max_concepts)))
-                if len(masks) > sel.max_concepts:
-                    _warn(row, [f"{len(masks)} user masks; the first {sel.max_concepts} become concepts"])
-                reason = None
-            else:
-                chosen, reason = select_masks(feats, masks, sel.max_concepts, sel.min_quality, sel.min_area,
-                                              sel.max_area, sel.max_overlap, sel.min_center_fraction)
-            row["features"] = json.dumps(feats)
-            row["selected"] = json.dumps(chosen)
-            if reason:
-                row["status"], row["error"] = "skipped", f"select: {reason}"
-        except Exception as exc:  # noqa: BLE001
-            _fail(row, exc, "score")
-        _time(row, "score", time.perf_counter() - start)
-    return _batch(rows)
+    the decoded photograph); choose the concepts (user masks: all of them). The job is
+    read and its storage settings applied once, in ``__init__``."""
+
+    def __init__(self, job: dict) -> None:
+        job_cfg = JobConfig.model_validate(job)
+        job_cfg.storage.apply()
+        self.selection = job_cfg.selection
+
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        rows = _rows(batch)
+        for row in rows:
+            if row["status"] != "ok":
+                continue
+            start = time.perf_counter()
+            try:
+                self.score_row(row)
+            except Exception as exc:  # noqa: BLE001
+                _fail(row, exc, "score")
+            _time(row, "score", time.perf_counter() - start)
+        return _batch(rows, batch)
+
+    def score_row(self, row: dict) -> None:
+        sel = self.selection
+        found = json.loads(row["masks"])
+        masks = [M.decode_rle(m["rle"]) for m in found]
+        size = (int(row["width"]), int(row["height"]))
+        warnings: list[str] = []
+        gt = [mask_from_image(load_mask_image(u), u, size, warnings) for u in json.loads(row["gt_mask_uris"])]
+        _warn(row, warnings)
+        # the score reads the photograph too: evidence at analysis size, computed once per image
+        image = np.asarray(decode_image(row["image_bytes"], row["image_uri"]))
+        feats = score_masks(image, masks, predicted_ious=[f["predicted_iou"] for f in found],
+                            stability_scores=[f["stability_score"] for f in found], gt_masks=gt)
+        if found and found[0]["source"] == "user":
+            chosen = list(range(min(len(masks), sel.max_concepts)))
+            if len(masks) > sel.max_concepts:
+                _warn(row, [f"{len(masks)} user masks; the first {sel.max_concepts} become concepts"])
+            reason = None
+        else:
+            chosen, reason = select_masks(feats, masks, sel.max_concepts, sel.min_quality, sel.min_area,
+                                          sel.max_area, sel.max_overlap, sel.min_center_fraction)
+        row["features"] = json.dumps(feats)
+        row["selected"] = json.dumps(chosen)
+        if reason:
+            row["status"], row["error"] = "skipped", f"select: {reason}"
+
+
+def score_and_select(batch: pd.DataFrame, job: dict) -> pd.DataFrame:
+    """``ScoreAndSelect`` as a plain Ray Data task (no model to keep, so no actor pool):
+    its setup is once per batch, not per row."""
+    return ScoreAndSelect(job)(batch)
 
 
 class Extract:
@@ -254,7 +273,7 @@ class Extract:
         for row in rows:
             self._one(row)
             row["image_bytes"] = b""  # results travel back to the driver without pixels
-        return _batch(rows)
+        return _batch(rows, batch)
 
     def _one(self, row: dict) -> None:
         if row["status"] in ("duplicate", "resumed"):

@@ -15,6 +15,8 @@ import pyarrow.compute as pc
 
 from . import records as R
 from . import tables as T
+from .batches import batch_like, rows_of
+from .doneset import resolve
 
 SUMMARY_SCHEMA = pa.schema([
     ("image_id", pa.string()), ("manifest_row", pa.int64()), ("manifest_label", pa.string()),
@@ -23,13 +25,24 @@ SUMMARY_SCHEMA = pa.schema([
 ])
 
 
-def skip_done(batch: pd.DataFrame, done: pa.Array | None) -> pd.DataFrame:
+def skip_done(batch: pa.Table | pd.DataFrame, done) -> pa.Table | pd.DataFrame:
     """Rows whose content-hash id (known only after loading) the images table already
-    holds as done: marked ``resumed`` and passed on without work."""
-    if done is None or not len(done) or batch.empty:
+    holds as done: marked ``resumed`` and passed on without work. ``done``: see
+    ``doneset.resolve``. Arrow batches are changed column-wise, without a row in Python."""
+    done = resolve(done)
+    if done is None or len(batch) == 0:
         return batch
-    ids = pa.array(batch["image_id"].astype(str).tolist(), pa.string())
-    hit = pc.fill_null(pc.is_in(ids, value_set=done), False).to_numpy(zero_copy_only=False)
+    if isinstance(batch, pa.Table):
+        hit = pa.array(done.contains(batch.column("image_id").cast(pa.string()))
+                       & pc.equal(batch.column("status"), "ok").to_numpy(zero_copy_only=False))
+        if not pc.any(hit).as_py():
+            return batch
+        for name, value in (("status", "resumed"), ("image_bytes", b"")):
+            i = batch.schema.get_field_index(name)
+            column = batch.column(i)
+            batch = batch.set_column(i, batch.field(i), pc.if_else(hit, pa.scalar(value, column.type), column))
+        return batch
+    hit = done.contains(pa.array(batch["image_id"].astype(str).tolist(), pa.string()))
     hit &= (batch["status"] == "ok").to_numpy()
     if hit.any():
         batch = batch.copy()
@@ -38,12 +51,12 @@ def skip_done(batch: pd.DataFrame, done: pa.Array | None) -> pd.DataFrame:
     return batch
 
 
-def finish_scored(batch: pd.DataFrame, run_id: str) -> pd.DataFrame:
+def finish_scored(batch: pa.Table | pd.DataFrame, run_id: str) -> pa.Table | pd.DataFrame:
     """A score-only run's last stage (no extraction, no diffusion model): each image's
     rows are its masks with their quality and selection, status ``scored``."""
     from .stages import build_record
 
-    rows = batch.to_dict("records")
+    rows = rows_of(batch)
     for row in rows:
         row["image_bytes"] = b""
         if row["status"] in ("duplicate", "resumed"):
@@ -51,21 +64,22 @@ def finish_scored(batch: pd.DataFrame, run_id: str) -> pd.DataFrame:
         if row["status"] == "ok":
             row["status"] = R.SCORED
         row["record"] = json.dumps(build_record(row, None, run_id, ""))
-    return pd.DataFrame(rows)
+    return batch_like(rows, batch)
 
 
-def stage_tables(batch: pd.DataFrame, out: str, run_id: str, storage: dict | None = None) -> pa.Table:
+def stage_tables(batch: pa.Table | pd.DataFrame, out: str, run_id: str, storage: dict | None = None) -> pa.Table:
     """Write this batch's images / masks / concepts rows as Parquet into the run's
     staging area; return the batch's summary rows."""
     from breakscene.storage import configure
 
     configure(storage or {})
-    records = [json.loads(r) for r in batch["record"] if isinstance(r, str) and r]
+    rows = rows_of(batch)
+    records = [json.loads(r["record"]) for r in rows if isinstance(r["record"], str) and r["record"]]
     if records:
         for name, table in R.table_rows(records).items():
             T.stage_rows(out, run_id, name, table)
     summary = []
-    for row in batch.to_dict("records"):
+    for row in rows:
         timings = json.loads(row.get("timings") or "{}")
         summary.append({"image_id": row["image_id"], "manifest_row": int(row["manifest_row"]),
                         "manifest_label": row.get("manifest_label") or str(row["manifest_row"]),

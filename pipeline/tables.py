@@ -110,7 +110,8 @@ def stage_rows(out: str, run_id: str, name: str, table: pa.Table) -> None:
     write_bytes(join(staging_dir(out, run_id), name, f"{uuid.uuid4().hex}.parquet"), buf.getvalue())
 
 
-def _staged(out: str, run_id: str, name: str, schema: pa.Schema):
+def staged(out: str, run_id: str, name: str, schema: pa.Schema):
+    """What run ``run_id`` staged for table ``name``, as one pyarrow dataset; None if nothing."""
     fs, root = filesystem(join(staging_dir(out, run_id), name))
     if not fs.exists(root):
         return None
@@ -188,7 +189,7 @@ def commit_run(out: str, run_id: str, tables: dict[str, pa.Schema], *, replace_i
     reader who sees an image's current row also finds its masks and concepts), then
     remove the staging area. Returns each table's current row count."""
     for name in sorted(tables, key=lambda n: n == "images"):
-        commit(out, name, tables[name], _staged(out, run_id, name, tables[name]), run_id=run_id,
+        commit(out, name, tables[name], staged(out, run_id, name, tables[name]), run_id=run_id,
                replace_ids=replace_ids)
     remove(staging_dir(out, run_id))
     fs, root = filesystem(join(out, STAGING))

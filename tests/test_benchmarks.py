@@ -70,7 +70,7 @@ def test_scale_benchmark_runs_tiny_on_disk_and_on_an_s3_server():
     import ray
 
     args = argparse.Namespace(histories=[20, 60], new=2, throughput_images=3, overhead_rows=None,
-                              stores=["local", "s3"], size=64, s3_records=20, cpus=2)
+                              stores=["local", "s3"], size=64, s3_records=20, cpus=2, bookkeeping_reps=2)
     result = bench_scale(args)
     for store in ("local", "s3"):
         for h in ("20", "60"):
@@ -80,4 +80,9 @@ def test_scale_benchmark_runs_tiny_on_disk_and_on_an_s3_server():
             assert row["increment_counts"]["scored"] + row["increment_counts"]["failed"] == 2
         assert result[store]["bookkeeping_ratio"] > 0
     assert result["score_only_throughput"]["images"] == 3 and result["score_only_throughput"]["images_per_s"] > 0
+    assert len(result["local"]["20"]["bookkeeping_runs_s"]) == 2
+    # the driver's own work on the stream is measured, and bounds any stage's wait on it
+    tp = result["score_only_throughput"]
+    assert 0 <= tp["driver_busy_s"] < tp["stream_s"] and isinstance(tp["stages_waited_on_driver"], bool)
+    assert tp["stage_ms_per_image"]["score"] > 0
     assert not ray.is_initialized()

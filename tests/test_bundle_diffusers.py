@@ -37,7 +37,7 @@ def bundles(tmp_path_factory, tiny_extractor):
     lora = root / "lora"
     result = tiny_extractor.extract(
         load_scene_dir(scene_dir), quick_config(phase2_mode="lora", grid_seeds=2, grid_inference_steps=3),
-        out=str(lora), evaluate=lambda ex, data, n: data.pixels.clone())
+        out=str(lora), evaluate=lambda trained: trained.tensors.pixels.clone())
     full = root / "full"
     (root / "fast.yaml").write_text("grid_inference_steps: 3\nprior: {generation_steps: 2}\n")
     printed = io.StringIO()

@@ -52,6 +52,21 @@ def test_generate_from_bundle(cli_bundle, tmp_path, capsys):
     assert "<asset7>" in capsys.readouterr().err and not (tmp_path / "x.png").exists()
 
 
+def test_generate_never_replaces_an_existing_file_unless_forced(cli_bundle, tmp_path, capsys):
+    out = tmp_path / "holiday.png"
+    out.write_bytes(b"the user's own photo")
+    args = ["generate", "--bundle", str(cli_bundle), "--prompt", "a photo of <asset0>", "--steps", "2",
+            "--out", str(out)]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and "--force" in err and str(out) in err
+    assert out.read_bytes() == b"the user's own photo"
+    assert main(["generate", "--bundle", str(cli_bundle), "--prompt", "x", "--out", str(tmp_path)]) == 2
+    assert "is a folder" in capsys.readouterr().err
+    assert main([*args, "--force"]) == 0
+    assert Image.open(out).size == (64, 64)
+
+
 def test_extract_on_a_saved_diffusers_folder(tmp_path, capsys):
     from breakscene.models import load_models
 

@@ -5,7 +5,7 @@ import pytest
 
 from breakscene.errors import BreakSceneError
 from pipeline.commands import EXIT_TOO_MANY_FAILED, failed_share_message
-from pipeline.config import load_job
+from pipeline.jobfile import load_job
 
 
 def _counts(ok=0, failed=0, skipped=0, resumed=0, duplicate=0):

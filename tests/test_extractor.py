@@ -4,6 +4,7 @@ import os
 import numpy as np
 import pytest
 import torch
+from conftest import quick_config, write_scene
 from PIL import Image
 
 from breakscene import bundle as bundle_io
@@ -11,7 +12,6 @@ from breakscene.errors import BreakSceneError, SceneError
 from breakscene.generate import sample_grid
 from breakscene.presets import build_preset
 from breakscene.scene import load_scene_dir
-from conftest import quick_config, write_scene
 
 
 def _regenerated_grid(uri):
@@ -69,24 +69,60 @@ def test_each_scene_starts_from_pristine_weights(tiny_extractor, examples):
 
 
 def test_phase1_trains_only_the_new_rows(tiny_extractor, examples):
+    """Through the stages: after a phase 1 alone only the scene's new rows moved, and
+    ``reset`` puts the whole matrix back."""
     ex = tiny_extractor
-    before = ex._embedding.weight.detach().clone()
-    captured = {}
-    original = ex._setup_phase2
-
-    def spy(cfg, n):  # look at the matrix between the phases
-        captured["after_phase1"] = ex._embedding.weight.detach().clone()
-        captured["scene_start"] = ex._scene_embeddings.clone()
-        return original(cfg, n)
-
-    ex._setup_phase2 = spy
+    before = ex.assets.embedding.weight.detach().clone()
     try:
-        ex.extract(load_scene_dir(examples / "bear"), quick_config(grid_seeds=0, phase1_steps=6))
+        prepared = ex.prepare(load_scene_dir(examples / "bear"), quick_config(grid_seeds=0, phase1_steps=6,
+                                                                              phase2_steps=0))
+        scene_start = ex.assets.embedding.weight.detach().clone()
+        trained = ex.train(prepared)
+        after = ex.assets.embedding.weight.detach().clone()
     finally:
-        del ex._setup_phase2
-    changed = (captured["after_phase1"] != captured["scene_start"]).any(dim=1).nonzero().flatten().tolist()
-    assert changed == ex.token_ids[:3]
-    assert torch.equal(ex._embedding.weight, before)  # reset after the scene
+        ex.reset()
+    assert trained.phases["phase1"].steps == 6 and trained.phases["phase2"].steps == 0
+    changed = (after != scene_start).any(dim=1).nonzero().flatten().tolist()
+    assert changed == ex.assets.ids[:3]
+    assert torch.equal(ex.assets.embedding.weight, before)  # reset after the scene
+
+
+def _curves(losses: dict) -> dict:
+    return {phase: {k: v for k, v in summary.items() if k != "seconds"} for phase, summary in losses.items()}
+
+
+def test_stages_give_what_extract_gives(tiny_extractor, examples, tmp_path):
+    """prepare, train, diagnose, export by hand: the same losses, maps and bundle as extract."""
+    ex, scene = tiny_extractor, load_scene_dir(examples / "bear")
+    cfg = quick_config(grid_seeds=0, phase2_mode="lora")
+    whole = ex.extract(scene, cfg)
+    try:
+        trained = ex.train(ex.prepare(scene, cfg))
+        assert trained.tokens == ["<asset0>", "<asset1>", "<asset2>"] and trained.num_concepts == 3
+        result = ex.diagnose(trained)
+        ex.export(trained, result, str(tmp_path / "bundle"))
+    finally:
+        ex.reset()
+    assert _curves(result.losses) == _curves(whole.losses)
+    assert np.array_equal(result.attention_maps, whole.attention_maps)
+    assert _curves(bundle_io.read_manifest(str(tmp_path / "bundle"))["losses"]) == _curves(whole.losses)
+    assert result.bundle_uri == str(tmp_path / "bundle") and result.grid_uri is None
+    assert not any("lora" in n for n, _ in ex.models.unet.named_parameters())
+
+
+def test_evaluate_receives_the_trained_scene(tiny_extractor, examples):
+    seen = {}
+
+    def evaluate(trained):
+        seen["maps"] = trained.attention_maps().numpy()
+        seen["lora"] = any("lora" in n for n, _ in trained.models.unet.named_parameters())
+        return {"n": trained.num_concepts, "mode": trained.config.phase2_mode}
+
+    result = tiny_extractor.extract(load_scene_dir(examples / "bear"),
+                                    quick_config(grid_seeds=0, phase2_mode="lora"), evaluate=evaluate)
+    assert result.evaluation == {"n": 3, "mode": "lora"} and seen["lora"]  # before the reset
+    assert np.array_equal(seen["maps"], result.attention_maps)  # the diagnostic's own maps
+    assert result.timings["evaluate"] >= 0
 
 
 def test_batch_size_two_non_square_no_prior(tiny_extractor, tmp_path):
@@ -108,7 +144,7 @@ def test_class_images_are_generated_once_and_reused(tiny_extractor, examples, is
     folders = [p for p in (isolated_cache / "class_images").iterdir()
                if json.loads((p / "images.json").read_text())["prompt"] == "a photo in the snow"]
     assert len(folders) == 1 and len(list(folders[0].glob("*.png"))) == 2
-    tiny_extractor._class_cache.clear()  # a new process would only have the disk cache
+    tiny_extractor.class_cache.clear()  # a new process would only have the disk cache
     monkeypatch.setattr(prior, "generate_images", lambda *a, **k: pytest.fail("regenerated"))
     tiny_extractor.extract(scene, cfg)
 
@@ -120,19 +156,19 @@ def test_class_data_dir_is_used(tiny_extractor, examples, tmp_path):
         Image.new("RGB", (80, 80), (i * 100, 50, 50)).save(folder / f"{i}.png")
     cfg = quick_config(grid_seeds=0, prior={"class_data_dir": str(folder), "num_class_images": 5})
     tiny_extractor.extract(load_scene_dir(examples / "bear"), cfg)
-    assert any(k[0] == str(folder) for k in tiny_extractor._class_cache)
+    assert any(k[0] == str(folder) for k in tiny_extractor.class_cache)
     with pytest.raises(BreakSceneError, match="holds no .png"):
         tiny_extractor.extract(load_scene_dir(examples / "bear"),
                                quick_config(prior={"class_data_dir": str(tmp_path)}))
 
 
 def test_failed_bundle_write_leaves_nothing(tiny_extractor, examples, tmp_path, monkeypatch):
-    from breakscene import extractor as extractor_mod
+    from breakscene import generate
 
     def boom(*a, **k):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(extractor_mod, "sample_grid", boom)
+    monkeypatch.setattr(generate, "sample_grid", boom)
     out = tmp_path / "bundle"
     with pytest.raises(RuntimeError, match="disk full"):
         tiny_extractor.extract(load_scene_dir(examples / "bear"), quick_config(), out=str(out))
@@ -145,3 +181,22 @@ def test_too_many_masks_and_bad_resolution(tiny_extractor, examples):
         tiny_extractor.extract(scene, quick_config(max_concepts=2))
     with pytest.raises(BreakSceneError, match="resolution 70 must be a multiple of 8"):
         tiny_extractor.extract(scene, quick_config(resolution=70))
+
+
+def test_study_evaluator_reads_the_trained_scene(tiny_extractor, examples):
+    """The study's Evaluator through the hook: with the training masks as the clean masks
+    its attention IoU is the diagnostic's, and every measurement is a number."""
+    from robustness.embedders import build_embedder
+    from robustness.evaluation import EvalConfig, Evaluator
+
+    scene = load_scene_dir(examples / "bear")
+    tiny = build_embedder("tiny")
+    evaluator = Evaluator(scene.masks, ["bear"], EvalConfig(templates=1, seeds=1, steps=2), tiny, tiny)
+    result = tiny_extractor.extract(scene, quick_config(grid_seeds=0, phase2_mode="lora"), evaluate=evaluator)
+    measured = result.evaluation["concepts"]
+    assert len(measured) == 3
+    for k, (ours, diag) in enumerate(zip(measured, result.concepts)):
+        assert ours["attention_iou"] == pytest.approx(diag["attention_iou"], abs=1e-6)
+        assert ours["assigned_correct"] == (diag["assigned_mask"] == k)
+        assert set(ours) >= {"recon_in", "recon_out", "identity_sim", "prompt_sim", "attention_leak"}
+        assert all(np.isfinite(ours[key]) for key in ("recon_in", "recon_out", "identity_sim", "prompt_sim"))

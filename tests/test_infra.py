@@ -14,7 +14,7 @@ import yaml
 from packaging.requirements import Requirement
 
 from conftest import ROOT
-from pipeline.config import load_job
+from pipeline.jobfile import load_job
 
 INFRA = ROOT / "infra"
 VERSION = importlib.metadata.version("breakscene")
@@ -58,10 +58,15 @@ def test_kuberay_manifests_parse_with_required_fields():
 
 
 def test_containerfile_copies_files_that_exist():
+    copied = set()
     for line in (INFRA / "Containerfile").read_text().splitlines():
         if line.startswith("COPY "):
             for src in line.split()[1:-1]:
                 assert (ROOT / src).exists(), src
+                copied.add(src)
+    # every package the project installs is in the image
+    include = re.search(r"^include = \[(.*)\]$", (ROOT / "pyproject.toml").read_text(), re.M).group(1)
+    assert {p.strip(' "*') for p in include.split(",")} <= copied
 
 
 def test_cluster_launcher_config():

@@ -49,14 +49,20 @@ def test_ids_refused_with_a_reason():
         assert id_problem(image_id) is None, image_id
 
 
-def test_refused_ids_fail_their_row_alone():
-    from pipeline.run import split_duplicates
+def test_refused_ids_fail_their_row_alone(tmp_path):
+    """As the run reads the manifest (``manifest.read_shard``, here without Ray)."""
+    from pipeline.manifest import ManifestTally, read_shard
 
-    rows = [{"image_id": i, "image_uri": f"img{n}.png", "manifest_row": n} for n, i in enumerate(["ok", " ", "a\tb"])]
-    keep, rejected = split_duplicates(rows)
-    assert [r["image_id"] for r in keep] == ["ok"]
-    assert [(r["manifest_row"], r["status"]) for r in rejected] == [(1, "failed"), (2, "failed")]
-    assert "only whitespace" in rejected[0]["error"] and "control character" in rejected[1]["error"]
+    path = tmp_path / "m.jsonl"
+    path.write_text("".join(json.dumps({"image_id": i, "image_uri": f"img{n}.png"}) + "\n"
+                            for n, i in enumerate(["ok", " ", "a\tb"])))
+    tally = ManifestTally()
+    rows = [r for t in read_shard({"uri": [str(path)]}, {"uri": str(path)}, None, tally, True) for r in t.to_pylist()]
+    assert [r["image_id"] for r in rows] == ["ok"]
+    result = tally.result()
+    assert result["rejected"] == 2 and [m["manifest_row"] for m in result["messages"]] == [1, 2]
+    assert "only whitespace" in result["messages"][0]["error"]
+    assert "control character" in result["messages"][1]["error"]
 
 
 def test_hostile_ids_through_the_real_stages_touch_nothing_outside_the_output(tmp_path):
@@ -104,7 +110,7 @@ def test_hostile_ids_through_the_real_stages_touch_nothing_outside_the_output(tm
 def test_study_cell_names_are_hashes_whatever_the_scene_id():
     """The study names its cell files and bundles by ``cell_id``: a hash of the cell's
     settings, so a manifest's scene id never reaches a path there either."""
-    from pipeline.study import StudyConfig, cell_id
+    from robustness.grid import StudyConfig, cell_id
 
     cfg = StudyConfig(kind="study", output="o", scenes={"generated": 1})
     for scene_id in HOSTILE:

@@ -5,8 +5,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from breakscene.errors import BreakSceneError
+import pipeline.manifest as MF
 from pipeline.manifest import ManifestSpec, ManifestTally, plan, read_manifest, read_shard
-from pipeline.run import split_duplicates
 
 
 def test_three_formats_read_the_same(tmp_path):
@@ -44,12 +44,14 @@ def test_missing_and_unsupported_manifest(tmp_path):
         read_manifest(str(tmp_path / "m.txt"))
 
 
-def test_duplicate_ids_are_rejected_after_the_first():
-    rows = [{"image_uri": f"{i}.png", "image_id": i_d, "manifest_row": i}
-            for i, i_d in enumerate(["a", "b", "a", None, None])]
-    keep, rejected = split_duplicates(rows)
-    assert [r["manifest_row"] for r in keep] == [0, 1, 3, 4]
-    assert len(rejected) == 1 and "duplicate image_id 'a' (first at row 0)" in rejected[0]["error"]
+def test_duplicate_ids_are_rejected_after_the_first(tmp_path):
+    path = tmp_path / "m.jsonl"
+    path.write_text("".join(json.dumps({"image_uri": f"{i}.png", **({"image_id": i_d} if i_d else {})}) + "\n"
+                            for i, i_d in enumerate(["a", "b", "a", None, None])))
+    rows, tally = _stream(ManifestSpec(uri=str(path)))
+    assert [r["manifest_row"] for r in rows] == [0, 1, 3, 4]
+    (rejected,) = tally["messages"]
+    assert rejected["manifest_row"] == 2 and "duplicate image_id 'a' (first at row 0)" in rejected["error"]
 
 
 def test_csv_ids_and_uris_stay_as_written(tmp_path):
@@ -108,6 +110,17 @@ def test_a_bad_row_or_line_fails_alone_and_a_repeated_id_once(tmp_path):
     errors = {m["manifest_row"]: m["error"] for m in tally["messages"]}
     assert "row 1: not valid JSON" in errors[1] and "row 3: mask_uris must be a list" in errors[3]
     assert "duplicate image_id 'a' (first at row 0)" in errors[4] and "only whitespace" in errors[5]
+
+
+def test_rejected_rows_beyond_the_messages_kept_are_still_counted(tmp_path, monkeypatch):
+    """A shard reports once, at its end: every bad row counted, the first messages kept."""
+    monkeypatch.setattr(MF, "MAX_MESSAGES", 3)
+    path = tmp_path / "m.jsonl"
+    path.write_text("not json\n" * 10 + '{"image_uri": "a.png"}\n')
+    rows, tally = _stream(ManifestSpec(uri=str(path)))
+    assert [r["image_uri"] for r in rows] == ["a.png"]
+    assert (tally["rows"], tally["rejected"], len(tally["messages"])) == (11, 10, 3)
+    assert [m["manifest_row"] for m in tally["messages"]] == [0, 1, 2]
 
 
 def test_plan_stops_before_work(tmp_path):

@@ -3,27 +3,20 @@ import pytest
 import torch
 
 from breakscene.config import ExtractConfig
-from breakscene.lora import add_lora
-from breakscene.memory import GIB, predict_step_memory, saved_activation_bytes, step_batch
+from breakscene.memory import (
+    GIB,
+    predict_step_memory,
+    saved_activation_bytes,
+    step_batch,
+)
 from breakscene.models import DiffusionModels, load_models
+from breakscene.phases import phase_setup, set_checkpointing
 from breakscene.presets import build_preset
 from breakscene.training import training_step
 
 
 def _trainable(models, cfg, phase):
-    unet, te = models.unet, models.text_encoder
-    unet.requires_grad_(False)
-    te.requires_grad_(False)
-    emb = te.get_input_embeddings().weight
-    if phase == "phase1":
-        params = [emb]
-    elif cfg.phase2_mode == "full":
-        params = list(unet.parameters()) + list(te.parameters())
-    else:
-        params = add_lora(unet, te, cfg.lora) + [emb]
-    for p in params:
-        p.requires_grad_(True)
-    return params
+    return phase_setup(phase, cfg, models.unet, models.text_encoder).trainable
 
 
 @pytest.mark.parametrize("checkpointing", [False, True])
@@ -33,9 +26,7 @@ def test_meta_count_equals_the_count_on_real_tensors(checkpointing):
     predicted = predict_step_memory(load_models("tiny"), cfg, 64, "phase2", checkpointing, mixed_precision=False)
     real = load_models("tiny")
     _trainable(real, cfg, "phase2")
-    if checkpointing:
-        real.unet.enable_gradient_checkpointing()
-        real.text_encoder.activation_checkpointing_enable()
+    set_checkpointing(real.unet, real.text_encoder, checkpointing)
     real.unet.train()
     real.text_encoder.train()
     counted = saved_activation_bytes(real.unet, real.text_encoder, real.scheduler, cfg,

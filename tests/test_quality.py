@@ -120,6 +120,40 @@ def test_superpixel_terms_see_a_boundary_through_homogeneous_regions(disc_scores
         assert disc_scores[name]["superpixel_iou_coarse"] < exact["superpixel_iou_coarse"] - 0.1, name
 
 
+def test_superpixels_of_a_large_photo_run_small_and_cover_the_analysis_image():
+    from breakscene.quality_evidence import ANALYSIS_SIDE, SUPERPIXEL_SIDE, image_evidence, mask_evidence
+
+    image, disc = _disc_photo(size=512, r=120)
+    ev = image_evidence(image)
+    assert ev.shape == (ANALYSIS_SIDE, ANALYSIS_SIDE) and SUPERPIXEL_SIDE < ANALYSIS_SIDE
+    for name, labels in ev.superpixels.items():
+        assert labels.shape == ev.shape and ev.superpixel_sizes[name].sum() == ANALYSIS_SIDE ** 2
+    exact, shifted = mask_evidence(ev, disc), mask_evidence(ev, _disc(512, 256, 330, 120))
+    assert exact["superpixel_iou_coarse"] > 0.9 and exact["superpixel_iou_fine"] > 0.9
+    assert shifted["superpixel_cut_coarse"] > exact["superpixel_cut_coarse"] + 0.1
+
+
+def test_opencv_image_operations_match_their_scipy_definitions():
+    """The fast paths (OpenCV Lab, Sobel, dilation, distance transform) compute what the
+    scikit-image / scipy definitions do."""
+    from scipy import ndimage
+    from skimage import color, filters
+
+    from breakscene.quality_evidence import EDGE_TOLERANCE, distance_to_outside, image_evidence
+
+    image, disc = _disc_photo()
+    ev = image_evidence(image)
+    lab = color.rgb2lab(image)
+    assert np.abs(ev.lab - lab).max() < 0.5  # Lab units (L 0..100)
+    grad = np.sqrt(sum(filters.sobel(ev.lab[..., c]) ** 2 for c in range(3)))
+    assert np.allclose(ev.grad, grad / grad.mean(), atol=1e-3)
+    assert np.array_equal(ev.grad_max, ndimage.maximum_filter(ev.grad, size=2 * EDGE_TOLERANCE + 1))
+    assert ev.lab_scale == pytest.approx(float(np.sqrt(ev.lab.reshape(-1, 3).var(axis=0).sum())), rel=1e-4)
+    blob = disc & ~_disc(128, 70, 60, 8)  # a disc with a bite: distances bend around it
+    for m in (blob, ~blob):
+        assert np.allclose(distance_to_outside(m), ndimage.distance_transform_edt(m), atol=1e-4)
+
+
 def test_ring_contrast_over_a_uniform_image_is_zero():
     image = np.full((96, 96, 3), 120, np.uint8)
     f = mask_features(_disc(96, 48, 48, 20), image)
@@ -179,6 +213,10 @@ def test_quality_benchmark_runs_tiny():
     assert set(loso["per_family"]) == {"shift", "partial_drop"}
     assert loso["overall"]["new"]["spearman"] > loso["overall"]["old"]["spearman"]
     assert 0 < result["timing"]["seconds_per_mask"] < 5
+    scoring = result["timing"]["scoring"]  # the example photos' own masks, with their image's share
+    assert scoring["masks_per_image"] == 3 and scoring["image_side_px"] == 512
+    assert 0 < scoring["mask_ms"] < scoring["ms_per_mask"]
+    assert scoring["ms_per_mask"] == pytest.approx(1000 * result["timing"]["seconds_per_mask"])
     assert "leave_one_scene_out.overall.new.spearman" in table("quality", result)
 
 
@@ -200,7 +238,7 @@ def test_report_plots_predicted_against_true_iou_per_family(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from pipeline.report import build_report
+    from robustness.report import build_report
 
     rows = []
     for i, (family, iou, predicted) in enumerate([("clean", 1.0, 0.9), ("dilate", 0.8, 0.7), ("dilate", 0.5, 0.4),
@@ -220,18 +258,19 @@ def test_report_plots_predicted_against_true_iou_per_family(tmp_path):
 
 
 def test_study_rows_carry_predicted_quality_beside_true_iou(tmp_path):
-    from pipeline import study
-    from pipeline.groundtruth import collect_scenes
-    from pipeline.study import StudyConfig, build_cells
+    from robustness.cells import MEASUREMENT_COLUMNS
+    from robustness.grid import StudyConfig, build_cells
+    from robustness.groundtruth import collect_scenes
+    from robustness.workers import StudyWorker
 
     cfg = StudyConfig(kind="study", output=str(tmp_path), scenes={"generated": 1, "generated_size": 128},
                       noise={"families": ["shift"], "severities": [1.0]}, model={"id": "tiny"},
                       extract={"phase1_steps": 1, "phase2_steps": 1, "grid_seeds": 0, "prior": {"enabled": False}},
                       evaluation={"generation": False})
     from breakscene.scene import decode_image
-    from pipeline.groundtruth import load_clean
+    from robustness.groundtruth import load_clean
 
-    worker = study.StudyWorker(cfg.model_dump(mode="json"))
+    worker = StudyWorker(cfg.model_dump(mode="json"))
     scenes = collect_scenes(cfg.scenes)
     cell = next(c for c in build_cells(cfg, scenes) if c["family"] == "shift")
     shifted = worker.run_cell(cell)
@@ -243,4 +282,4 @@ def test_study_rows_carry_predicted_quality_beside_true_iou(tmp_path):
     image_bytes, clean = load_clean(scenes[0])
     clean_quality = [f["quality"] for f in score_masks(np.asarray(decode_image(image_bytes, "s")), list(clean))]
     assert np.mean(clean_quality) > np.mean([r["predicted_quality"] for r in shifted["rows"]]) + 0.2
-    assert "predicted_quality" in study.MEASUREMENT_COLUMNS
+    assert "predicted_quality" in MEASUREMENT_COLUMNS

@@ -3,12 +3,12 @@ import types
 
 import pytest
 import torch
+from conftest import quick_config
 
 from breakscene.config import RuntimeConfig
 from breakscene.extractor import Extractor
 from breakscene.memory import predict_step_memory
 from breakscene.scene import load_scene_dir
-from conftest import quick_config
 
 
 def _losses(result):
@@ -41,11 +41,12 @@ def test_auto_checkpointing_follows_the_memory_prediction(monkeypatch):
     assert need["phase1"] < need["phase2"]
     total = (need["phase1"] + need["phase2"]) / 2 / ex.runtime.memory_headroom  # between the two
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: types.SimpleNamespace(total_memory=total))
-    ex.device = torch.device("cuda")  # only the decision reads it
-    assert ex._wants_checkpointing("phase1", cfg, 64) is False
-    assert ex._wants_checkpointing("phase2", cfg, 64) is True
-    ex.device = torch.device("cpu")
-    assert ex._wants_checkpointing("phase2", cfg, 64) is False  # the CPU has no device memory to fit
+    resident = ex.resident
+    resident.device = torch.device("cuda")  # only the decision reads it
+    assert resident.wants_checkpointing("phase1", cfg, 64) is False
+    assert resident.wants_checkpointing("phase2", cfg, 64) is True
+    resident.device = torch.device("cpu")
+    assert resident.wants_checkpointing("phase2", cfg, 64) is False  # the CPU has no device memory to fit
 
 
 def test_channels_last_survives_training_and_reset(scene):

@@ -8,7 +8,8 @@ import pytest
 from PIL import Image
 
 from breakscene import masks as M
-from pipeline.config import JobConfig, load_job
+from pipeline.config import JobConfig
+from pipeline.jobfile import load_job
 from pipeline.stages import Extract, Segment, initial_row, load_images, score_and_select
 from breakscene.errors import BreakSceneError
 from conftest import write_scene

@@ -56,7 +56,7 @@ def test_refused_connection_is_reported_as_such(fast_io):
 
 
 def test_configure_sets_timeout_and_retries(monkeypatch):
-    monkeypatch.setattr(storage, "_IO", {"timeout_s": None, "retries": None})
+    storage.reset_io_settings()  # no earlier configure() in this process
     monkeypatch.delenv("BREAKSCENE_IO_TIMEOUT_S", raising=False)
     monkeypatch.delenv("BREAKSCENE_IO_RETRIES", raising=False)
     assert storage.io_settings() == (storage.DEFAULT_TIMEOUT_S, storage.DEFAULT_RETRIES)
@@ -67,7 +67,7 @@ def test_configure_sets_timeout_and_retries(monkeypatch):
     fs, _ = storage.filesystem("http://127.0.0.1:1/x")
     timeout = fs.kwargs.get("timeout") or fs.client_kwargs["timeout"]
     assert (timeout.sock_connect, timeout.sock_read) == (3.0, 3.0)
-    s3 = storage._protocol_options("s3", 3.0, 0)["config_kwargs"]
+    s3 = storage.protocol_options("s3", 3.0, 0)["config_kwargs"]
     assert (s3["connect_timeout"], s3["read_timeout"], s3["retries"]["max_attempts"]) == (3.0, 3.0, 1)
 
 

@@ -5,10 +5,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline.groundtruth import CocoSource, coco_scenes, load_clean, write_coco_fixture
-from pipeline.study import StudyConfig, axis_combos, build_cells
-from pipeline.groundtruth import collect_scenes, SceneSources
-from pipeline.report import bootstrap_ci, build_report, iou_at_loss
+from robustness.grid import StudyConfig, axis_combos, build_cells
+from robustness.groundtruth import CocoSource, SceneSources, coco_scenes, collect_scenes, load_clean
+from robustness.report import bootstrap_ci, build_report, iou_at_loss
+from robustness.workers import StudyWorker
+from study_helpers import write_coco_fixture
 
 
 def _box(h, w, y0, x0, y1, x1):
@@ -53,15 +54,15 @@ def test_grid_cells_and_axes(tmp_path):
 
 
 def test_empty_clean_mask_and_emptied_noisy_mask_are_skipped(tmp_path, monkeypatch):
-    from pipeline import study
+    from robustness import workers
 
     cfg = StudyConfig(kind="study", output=str(tmp_path), scenes={"generated": 1, "generated_size": 128},
                       model={"id": "tiny"}, extract={"phase1_steps": 1, "phase2_steps": 1, "grid_seeds": 0,
                                                      "prior": {"enabled": False}},
                       evaluation={"generation": False})
-    worker = study.StudyWorker(cfg.model_dump(mode="json"))
+    worker = StudyWorker(cfg.model_dump(mode="json"))
     cell = next(c for c in build_cells(cfg, collect_scenes(cfg.scenes)) if c["family"] == "clean")
-    monkeypatch.setattr(study, "perturb", lambda m, *a, **k: np.zeros_like(m))
+    monkeypatch.setattr(workers, "perturb", lambda m, *a, **k: np.zeros_like(m))
     noisy = worker.run_cell({**cell, "family": "erode", "severity": 1.0})
     assert noisy["status"] == "skipped" and "noisy mask of concept 0 is empty" in noisy["reason"]
     assert all(r["mask_iou"] == 0.0 for r in noisy["rows"])
@@ -119,13 +120,11 @@ def test_report_from_hand_made_measurements(tmp_path):
 
 
 def test_real_segmenter_noise_cell(tmp_path):
-    from pipeline import study
-
     cfg = StudyConfig(kind="study", output=str(tmp_path), scenes={"generated": 1, "generated_size": 128},
                       noise={"families": [], "segmenters": ["classical"]}, model={"id": "tiny"},
                       extract={"phase1_steps": 1, "phase2_steps": 1, "grid_seeds": 0, "prior": {"enabled": False}},
                       evaluation={"generation": False})
-    worker = study.StudyWorker(cfg.model_dump(mode="json"))
+    worker = StudyWorker(cfg.model_dump(mode="json"))
     cell = next(c for c in build_cells(cfg, collect_scenes(cfg.scenes)) if c["family"] == "segmenter:classical")
     result = worker.run_cell(cell)
     assert result["status"] in ("ok", "skipped")
@@ -155,7 +154,7 @@ def test_embedders_load_from_saved_folders(tmp_path):
     from PIL import Image
     from transformers import ViTConfig, ViTModel
 
-    from breakscene.embedders import build_embedder, tiny_clip
+    from robustness.embedders import build_embedder, tiny_clip
 
     model, tok = tiny_clip()
     model.save_pretrained(tmp_path / "clip")
@@ -188,7 +187,7 @@ def test_report_page_is_the_packaged_template_with_text_escaped(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    assert (importlib.resources.files("pipeline") / "templates" / "report.html.j2").is_file()
+    assert (importlib.resources.files("robustness") / "templates" / "report.html.j2").is_file()
     rows = [{"cell_id": f"c{i}", "scene_id": "<b>scene</b>", "concept_index": 0, "family": family, "severity": sev,
              "seed": 0, "status": "ok", "reason": "", "mask_iou": iou, "attention_iou": iou / 2, "grid_uri": ""}
             for i, (family, sev, iou) in enumerate([("clean", 0.0, 1.0), ("dilate", 1.0, 0.6)])]

@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from breakscene.errors import BreakSceneError
-from pipeline.config import load_job
+from pipeline.jobfile import load_job
 from pipeline.submit import (DEFAULT_ADDRESS, MIB, check_upload, exit_status, find_auth_token, job_runtime_env,
                              project_root, resolve_address, upload_files)
 

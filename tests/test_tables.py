@@ -87,10 +87,13 @@ def test_a_second_run_on_the_same_output_is_refused(tmp_path):
             Lease(out, "run-2").acquire()
         assert read_lease(out)["holder"] == "run-1"
     assert read_lease(out) is None  # released
-    # a crashed run's lease expires and is taken over
-    crashed = Lease(out, "crashed", ttl_s=0.2)
-    crashed.acquire()
-    crashed._stop.set()  # it stops renewing, as a dead process would
+    # a crashed run's lease expires and is taken over: held briefly, then left unrenewed
+    # (written as its renewal writes it, from another host so that no pid check applies)
+    crashed = {"holder": "crashed", "host": "elsewhere.invalid", "pid": 1, "expires_at": time.time() + 0.2}
+    with open(lease_uri(out), "w") as fh:
+        fh.write(json.dumps(crashed))
+    with pytest.raises(LeaseHeld, match="in use by run crashed"):
+        Lease(out, "run-2").acquire()
     time.sleep(0.5)
     with Lease(out, "run-3"):
         assert read_lease(out)["holder"] == "run-3"

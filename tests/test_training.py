@@ -6,7 +6,8 @@ import torch
 from breakscene.attention import AttentionStore
 from breakscene.config import ExtractConfig
 from breakscene.extractor import Extractor
-from breakscene.scene import load_scene_dir, prepare_scene
+from breakscene.scene import load_scene_dir
+from breakscene.tensors import draw_batch
 from breakscene.training import Batch, training_step
 
 
@@ -30,14 +31,14 @@ def _masks():
 
 
 def _batch(ex, token_order, attn_masks, with_class):
-    ids, pos = ex._encode_prompt(token_order)
+    ids, pos = ex.assets.encode_prompt(token_order)
     latents = torch.zeros(1, 4, 32, 32)
     batch = Batch(latents=latents, input_ids=ids, token_positions=[pos], attn_masks=[attn_masks],
                   union_mask=torch.ones(1, 1, 32, 32), noise=torch.ones_like(latents),
                   timesteps=torch.tensor([500]))
     if with_class:
         batch.class_latents = torch.zeros_like(latents)
-        batch.class_input_ids = ex._ids_for_text("a photo at the beach")
+        batch.class_input_ids = ex.assets.ids_for_text("a photo at the beach")
         batch.class_noise = torch.ones_like(latents)
         batch.class_timesteps = torch.tensor([500])
     return batch, pos
@@ -50,7 +51,7 @@ def test_attention_loss_reads_own_token_row_and_mask(tiny_extractor, with_class)
     order = ("<asset1>", "<asset0>")  # prompt order differs from token numbering
     rows = 2 if with_class else 1
     maps = torch.zeros(rows, 64, 77)
-    _, pos = ex._encode_prompt(order)
+    _, pos = ex.assets.encode_prompt(order)
     maps[0, :, pos[0]] = 3 * left_half.flatten()  # <asset1> attends to the left half
     maps[0, :, pos[1]] = 5 * corner.flatten()  # <asset0> to the corner
     if with_class:  # a class row that would give a different loss if it were read
@@ -76,7 +77,7 @@ def test_attention_loss_reads_own_token_row_and_mask(tiny_extractor, with_class)
 
 def test_lambda_zero_skips_attention(tiny_extractor):
     ex = tiny_extractor
-    left_half, corner = _masks()
+    left_half, _ = _masks()
     batch, _ = _batch(ex, ("<asset0>",), left_half[None], False)
     m = ex.models
     with torch.no_grad():
@@ -90,14 +91,12 @@ def test_attention_loss_alone_overfits_a_real_scene(examples):
     """Noise and timestep fixed, attention loss only: the maps must learn the masks."""
     ex = Extractor("tiny", progress=False)
     cfg = ExtractConfig(prior={"enabled": False}, lambda_attn=1.0)
-    scene = load_scene_dir(examples / "chicken")
-    prepared = prepare_scene(scene, 64)
-    ex._init_tokens(3, None)
-    data = ex._scene_tensors(prepared, cfg)
-    gen = torch.Generator().manual_seed(0)
-    batch = ex._draw_batch(random.Random(0), gen, data, None, cfg, 3)
-    batch.timesteps = torch.tensor([300])
+    prepared = ex.prepare(load_scene_dir(examples / "chicken"), cfg)
     m = ex.models
+    batch = draw_batch(prepared.tensors, None, cfg, rng=random.Random(0), gen=torch.Generator().manual_seed(0),
+                       encode_subset=ex.assets.encode_subset,
+                       num_train_timesteps=m.scheduler.config.num_train_timesteps)
+    batch.timesteps = torch.tensor([300])
     params = list(m.unet.parameters()) + list(m.text_encoder.parameters())
     for p in params:
         p.requires_grad_(True)

@@ -1,6 +1,6 @@
 """Measurements of a trained scene against reference (clean) masks, for the robustness
-study. Run through ``Extractor.extract(..., evaluate=Evaluator(...))``, on the trained
-weights, before they are reset.
+study. Run through ``Extractor.extract(..., evaluate=Evaluator(...))``: it receives the
+``TrainedScene``, whose weights are the trained ones until the Extractor resets.
 
 Per concept k:
 - attention: ``attention_iou`` of token k's map with clean mask k, ``attention_leak``
@@ -25,12 +25,14 @@ import torch.nn.functional as F
 from PIL import Image
 from pydantic import Field
 
-from . import masks as M
-from .attention import token_maps
-from .config import StrictModel
+from breakscene import masks as M
+from breakscene.attention import token_maps
+from breakscene.config import StrictModel
+from breakscene.metrics import attention_diagnostic
+from breakscene.scene import rgb_values
+from breakscene.training import diffusion_target
+
 from .embedders import DEFAULT_IDENTITY, DEFAULT_PROMPT
-from .metrics import attention_diagnostic
-from .training import diffusion_target
 
 # Ten fixed templates in the style of the paper's evaluation (its exact list is not in its text).
 TEMPLATES = (
@@ -65,42 +67,42 @@ class Evaluator:
         self.cfg = cfg
         self.identity, self.prompt = identity, prompt
 
-    def __call__(self, ex, data, n: int) -> dict:
-        from .scene import prepare_masks
+    def __call__(self, trained) -> dict:
+        from breakscene.scene import prepare_masks
 
+        data, n, cfg = trained.tensors, trained.num_concepts, trained.config
         resolution = data.masks[0].shape[-1]
-        clean = prepare_masks(self.clean, resolution).to(ex.device)  # (N, R, R)
-        cfg = ex.last_config
+        clean = prepare_masks(self.clean, resolution).to(trained.device)  # (N, R, R)
         concepts = [{} for _ in range(n)]
         # attention against the clean masks
-        maps = ex._attention_maps(data, cfg, n).cpu().numpy()
+        maps = trained.attention_maps().cpu().numpy()
         ref = (M.downsample(clean, data.attn_size) >= 0.5).cpu().numpy()
         for k, d in enumerate(attention_diagnostic(maps, ref, cfg.diagnostic_threshold)):
             concepts[k].update(attention_iou=d["attention_iou"], attention_leak=1 - d["mass_in_mask"],
                                assigned_correct=d["assigned_mask"] == k)
         # reconstruction inside / outside the clean masks
-        for k, (rin, rout) in enumerate(self._reconstruction(ex, data, cfg, clean, n)):
+        for k, (rin, rout) in enumerate(self._reconstruction(trained, clean)):
             concepts[k].update(recon_in=rin, recon_out=rout)
         if self.cfg.generation and self.identity is not None and self.prompt is not None:
-            for k, scores in enumerate(self._generation(ex, data, clean, n, resolution)):
+            for k, scores in enumerate(self._generation(trained, clean, resolution)):
                 concepts[k].update(scores)
         return {"concepts": concepts}
 
     @torch.no_grad()
-    def _reconstruction(self, ex, data, cfg, clean: torch.Tensor, n: int):
-        m = ex.models
+    def _reconstruction(self, trained, clean: torch.Tensor):
+        m, data, cfg, dev = trained.models, trained.tensors, trained.config, trained.device
         latents = data.latent_mean[0]
-        gen = torch.Generator(device=ex.device).manual_seed(cfg.diagnostic_seed)
-        noise = torch.randn(latents.shape, generator=gen, device=ex.device)
+        gen = torch.Generator(device=dev).manual_seed(cfg.diagnostic_seed)
+        noise = torch.randn(latents.shape, generator=gen, device=dev)
         masks = M.downsample(clean, data.latent_size)  # (N, h, w) coverage
         outside = 1 - masks.amax(0)
         out = []
-        for k in range(n):
-            ids, _ = ex._encode_prompt((ex.tokens[k],))
+        for k in range(trained.num_concepts):
+            ids, _ = trained.assets.encode_subset((k,))
             states = m.text_encoder(ids)[0]
-            err = torch.zeros(data.latent_size, device=ex.device)
+            err = torch.zeros(data.latent_size, device=dev)
             for t in cfg.diagnostic_timesteps:
-                ts = torch.tensor([t], device=ex.device)
+                ts = torch.tensor([t], device=dev)
                 pred = m.unet(m.scheduler.add_noise(latents, noise, ts), ts, states).sample
                 err += ((pred.float() - diffusion_target(m.scheduler, latents, noise, ts).float()) ** 2).mean(1)[0]
             err /= len(cfg.diagnostic_timesteps)
@@ -110,31 +112,31 @@ class Evaluator:
         return out
 
     @torch.no_grad()
-    def _generation(self, ex, data, clean: torch.Tensor, n: int, resolution: int):
-        pipe = ex.pipeline()
-        pixels = ((data.pixels + 1) * 127.5).round().clamp(0, 255)
+    def _generation(self, trained, clean: torch.Tensor, resolution: int):
+        pipe, dev, store = trained.pipeline(), trained.device, trained.resident.store
+        pixels = rgb_values(trained.tensors.pixels)
         source = Image.fromarray(pixels.permute(1, 2, 0).byte().cpu().numpy())
-        size = data.attn_size
+        size = trained.tensors.attn_size
         results = []
-        for k in range(n):
-            token, label = ex.tokens[k], (self.labels[k] if k < len(self.labels) and self.labels[k] else "object")
+        for k in range(trained.num_concepts):
+            token, label = trained.tokens[k], (self.labels[k] if k < len(self.labels) and self.labels[k] else "object")
             reference = self.identity.image([_grey_outside(source, clean[k].cpu().numpy() > 0.5)])
             ids_sims, prompt_sims = [], []
             for template in TEMPLATES[: self.cfg.templates]:
                 text = template.format(token)
-                ids = ex.models.tokenizer(text).input_ids
-                position = torch.tensor([ids.index(ex.token_ids[k])], device=ex.device)
+                ids = trained.models.tokenizer(text).input_ids
+                position = torch.tensor([ids.index(trained.assets.ids[k])], device=dev)
                 for seed in range(self.cfg.seeds):
-                    acc = torch.zeros(1, *size, device=ex.device)
+                    acc = torch.zeros(1, *size, device=dev)
 
                     def collect(pipeline, step, timestep, kwargs):
                         nonlocal acc
-                        acc = acc + token_maps(ex.store.mean_map(), -1, position, size).float()
+                        acc = acc + token_maps(store.mean_map(), -1, position, size).float()
                         return kwargs
 
-                    ex.store.enabled = True
+                    store.enabled = True
                     image = pipe(text, num_inference_steps=self.cfg.steps, guidance_scale=self.cfg.guidance_scale,
-                                 generator=torch.Generator(device=ex.device).manual_seed(seed), height=resolution,
+                                 generator=torch.Generator(device=dev).manual_seed(seed), height=resolution,
                                  width=resolution, callback_on_step_end=collect).images[0]
                     amap = acc[0].cpu().numpy()
                     gen_mask = amap >= 0.5 * amap.max() if amap.max() > 0 else np.ones_like(amap, bool)

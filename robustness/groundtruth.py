@@ -3,19 +3,18 @@ COCO annotations (pycocotools) with the paper's scene filter, and generated scen
 masks are exact by construction. Each source yields ``StudyScene`` objects."""
 from __future__ import annotations
 
-import io
+import functools
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
-from PIL import Image
 from pydantic import Field
 
 from breakscene.config import StrictModel
+from breakscene.errors import SceneError
+from breakscene.scene import decode_image, load_mask_image, mask_from_image
 from breakscene.storage import read_bytes
-
-from .demo import generated_scene
-from .manifest import read_manifest
+from breakscene.synthetic import generated_scene, png_bytes, scene_labels
+from pipeline.manifest import read_manifest
 
 
 @dataclass
@@ -71,7 +70,7 @@ def coco_scenes(src: CocoSource) -> list[StudyScene]:
 
 def collect_scenes(src: SceneSources) -> list[StudyScene]:
     scenes = [StudyScene(scene_id=f"generated{i}", image_uri=None, generated_seed=i, generated_size=src.generated_size,
-                         labels=["ball", "box", "ball"]) for i in range(src.generated)]
+                         labels=scene_labels()) for i in range(src.generated)]
     if src.manifest:
         for row in read_manifest(src.manifest):
             scenes.append(StudyScene(scene_id=row["image_id"] or f"row{row['manifest_row']}", image_uri=row["image_uri"],
@@ -83,20 +82,13 @@ def collect_scenes(src: SceneSources) -> list[StudyScene]:
 
 def load_clean(scene: StudyScene) -> tuple[bytes, np.ndarray]:
     """(encoded image, (N, H, W) clean masks); raises BreakSceneError for unusable input."""
-    from breakscene.errors import SceneError
-    from breakscene.scene import decode_image, load_mask_image, mask_from_image
-
     if scene.generated_seed is not None:
         image, masks = generated_scene(scene.generated_seed, scene.generated_size)
-        buf = io.BytesIO()
-        Image.fromarray(image).save(buf, format="PNG")
-        return buf.getvalue(), np.stack(masks)
+        return png_bytes(image), np.stack(masks)
     data = read_bytes(scene.image_uri) if scene.image_uri else b""
     image = decode_image(data, scene.image_uri)
     if scene.coco:
-        from pycocotools.coco import COCO
-
-        coco = _coco_cache(scene.coco["annotations"], COCO)
+        coco = coco_index(scene.coco["annotations"])
         masks = [coco.annToMask(coco.loadAnns(a)[0]).astype(bool) for a in scene.coco["ann_ids"]]
     else:
         if not scene.mask_uris:
@@ -105,33 +97,9 @@ def load_clean(scene: StudyScene) -> tuple[bytes, np.ndarray]:
     return data, np.stack(masks)
 
 
-_COCO: dict = {}
+@functools.cache
+def coco_index(path: str):
+    """pycocotools' index of an annotation file, built once per file and process."""
+    from pycocotools.coco import COCO
 
-
-def _coco_cache(path, cls):
-    if path not in _COCO:
-        _COCO[path] = cls(path)
-    return _COCO[path]
-
-
-def write_coco_fixture(folder: Path, scenes: list[tuple[np.ndarray, list[np.ndarray], list[str]]]) -> Path:
-    """A small COCO-style annotation file + image folder (tests and examples)."""
-    import json
-
-    from pycocotools import mask as coco_mask
-
-    folder.mkdir(parents=True, exist_ok=True)
-    names = sorted({n for _, _, ns in scenes for n in ns})
-    cats = [{"id": i + 1, "name": n, "supercategory": "thing"} for i, n in enumerate(names)]
-    images, anns = [], []
-    for i, (image, masks, ns) in enumerate(scenes):
-        Image.fromarray(image).save(folder / f"{i:06d}.png")
-        images.append({"id": i + 1, "file_name": f"{i:06d}.png", "height": image.shape[0], "width": image.shape[1]})
-        for m, n in zip(masks, ns):
-            rle = coco_mask.encode(np.asfortranarray(m.astype(np.uint8)))
-            anns.append({"id": len(anns) + 1, "image_id": i + 1, "category_id": names.index(n) + 1, "iscrowd": 0,
-                         "area": float(m.sum()), "bbox": [float(v) for v in coco_mask.toBbox(rle)],
-                         "segmentation": {"size": rle["size"], "counts": rle["counts"].decode()}})
-    path = folder / "instances.json"
-    path.write_text(json.dumps({"images": images, "annotations": anns, "categories": cats}))
-    return path
+    return COCO(path)

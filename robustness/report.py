@@ -249,7 +249,7 @@ def _html(results_uri, df, ok, skipped, figures, threshold_rows, table, grids) -
     from jinja2 import Environment, PackageLoader, select_autoescape
     from markupsafe import Markup
 
-    env = Environment(loader=PackageLoader("pipeline", "templates"), autoescape=select_autoescape(["j2"]),
+    env = Environment(loader=PackageLoader("robustness", "templates"), autoescape=select_autoescape(["j2"]),
                       trim_blocks=True, lstrip_blocks=True)
     left_out = skipped[["cell_id", "scene_id", "family", "severity", "reason"]] if len(skipped) else None
     return env.get_template("report.html.j2").render(

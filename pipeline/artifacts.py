@@ -1,0 +1,36 @@
+"""Small output files both drivers (the extraction run, the robustness study) write and
+read back: a JSON document per finished unit of work (the done-marker: a record, a study
+cell), and single Parquet files. Written through ``breakscene.storage`` (atomic per
+object), so a marker exists only once complete."""
+from __future__ import annotations
+
+import io
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from breakscene.storage import filesystem, write_bytes
+
+
+def write_json(uri: str, document: dict, *, indent: int | None = None) -> str:
+    write_bytes(uri, json.dumps(document, indent=indent).encode())
+    return uri
+
+
+def read_json_folder(uri: str) -> list[dict]:
+    """Every ``*.json`` document directly under ``uri`` (fetched concurrently on object
+    stores); [] when the folder does not exist."""
+    fs, root = filesystem(uri)
+    if not fs.exists(root):
+        return []
+    paths = [p for p in fs.ls(root, detail=False) if p.endswith(".json")]
+    return [json.loads(data) for data in (fs.cat(paths).values() if paths else [])]
+
+
+def write_parquet(uri: str, table: pa.Table) -> str:
+    """One Parquet file, written whole (readers never see a part of it)."""
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    write_bytes(uri, buf.getvalue())
+    return uri

@@ -1,0 +1,43 @@
+"""Reading a job file: YAML in, the validated config out (an extraction ``JobConfig``, or
+the robustness study's ``StudyConfig`` for ``kind: study``), with command-line overrides.
+Every problem is one BreakSceneError naming the file and the field."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from breakscene.config import validate_config
+from breakscene.errors import BreakSceneError
+
+from .config import JobConfig
+
+
+def read_job_file(path: Path) -> dict:
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except OSError as exc:
+        raise BreakSceneError(f"job file {path} cannot be read: {exc}") from None
+    except yaml.YAMLError as exc:
+        raise BreakSceneError(f"job file {path} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise BreakSceneError(f"job file {path} must be a mapping of settings")
+    return data
+
+
+def load_job(path: str | Path, overrides: dict | None = None):
+    """A JobConfig, or a StudyConfig for files with ``kind: study``; ``overrides`` (None
+    values ignored) replace the file's settings, a ``manifest`` URI keeping its columns."""
+    path = Path(path)
+    data = read_job_file(path)
+    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    if isinstance(overrides.get("manifest"), str) and isinstance(data.get("manifest"), dict):
+        overrides["manifest"] = {**data["manifest"], "uri": overrides["manifest"]}  # keep the column mapping
+    data.update(overrides)
+    if data.get("kind") == "study":
+        from robustness.grid import StudyConfig  # the study's package, only for study files
+
+        if "force" in data:
+            raise BreakSceneError(f"{path}: a study never recomputes finished cells; remove its outputs to redo them")
+        return validate_config(StudyConfig, data, str(path))
+    return validate_config(JobConfig, data, str(path))

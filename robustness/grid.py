@@ -1,0 +1,96 @@
+"""The study's job file and its grid: scenes x axes (any ExtractConfig field) x noise,
+where noise is one clean cell, then family x severity (> 0) x seed, then real
+segmenters' masks. A cell's id hashes everything that changes its result."""
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+from dataclasses import asdict
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from breakscene.config import ExtractConfig, StrictModel
+from robustness.evaluation import EvalConfig
+from breakscene.noise import FAMILIES
+from pipeline.config import ModelConfig, ResourcesConfig, SegmenterConfig, StorageConfig
+
+from .groundtruth import SceneSources, StudyScene
+
+CLEAN = "clean"
+SEGMENTER = "segmenter:"  # family prefix of real segmenter noise ("segmenter:classical")
+
+
+class NoiseGrid(StrictModel):
+    families: list[str] = Field(default_factory=lambda: list(FAMILIES))
+    severities: list[float] = Field(default_factory=lambda: [0.25, 0.5, 0.75, 1.0])
+    seeds: list[int] = Field(default_factory=lambda: [0])
+    segmenters: list[str] = Field(default_factory=list)  # real segmenter noise: classical, sam, tiny-sam
+
+    @field_validator("families")
+    @classmethod
+    def _families(cls, v):
+        unknown = [f for f in v if f not in FAMILIES]
+        if unknown:
+            raise ValueError(f"unknown noise families {unknown}; known: {', '.join(FAMILIES)}")
+        return v
+
+    @field_validator("severities")
+    @classmethod
+    def _severities(cls, v):
+        if any(not 0 < s <= 1 for s in v):
+            raise ValueError("severities must be in (0, 1]; the clean cell (severity 0) is always included")
+        return v
+
+
+class StudyConfig(StrictModel):
+    kind: Literal["study"]
+    name: str = "robustness"
+    output: str
+    scenes: SceneSources = Field(default_factory=SceneSources)
+    noise: NoiseGrid = Field(default_factory=NoiseGrid)
+    axes: dict[str, list] = Field(default_factory=dict)  # ExtractConfig field -> values
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    extract: ExtractConfig = Field(default_factory=ExtractConfig)
+    evaluation: EvalConfig = Field(default_factory=EvalConfig)
+    segmenter: SegmenterConfig = Field(default_factory=lambda: SegmenterConfig(kind="classical"))
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
+    seconds_per_step: float | None = Field(None, gt=0)  # for the estimate when no cell is done yet
+    runtime_env: dict = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _axes(self) -> "StudyConfig":
+        for combo in axis_combos(self.axes):  # every combination must be a valid ExtractConfig
+            ExtractConfig.model_validate({**self.extract.model_dump(), **combo})
+        return self
+
+
+def axis_combos(axes: dict[str, list]) -> list[dict]:
+    keys = sorted(axes)
+    return [dict(zip(keys, values)) for values in itertools.product(*(axes[k] for k in keys))] or [{}]
+
+
+def cell_id(cfg: StudyConfig, scene_id: str, family: str, severity: float, seed: int, axis: dict) -> str:
+    payload = json.dumps([scene_id, family, severity, seed, axis, cfg.model.model_dump(),
+                          cfg.extract.model_dump(mode="json"), cfg.evaluation.model_dump()], sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def noise_settings(noise: NoiseGrid) -> list[tuple[str, float, int]]:
+    """(family, severity, seed) of every cell of one scene and axis setting."""
+    settings = [(CLEAN, 0.0, 0)]
+    settings += [(f, s, seed) for f in noise.families for s in noise.severities for seed in noise.seeds]
+    settings += [(f"{SEGMENTER}{name}", float("nan"), 0) for name in noise.segmenters]
+    return settings
+
+
+def build_cells(cfg: StudyConfig, scenes: list[StudyScene]) -> list[dict]:
+    cells = []
+    for scene, axis in itertools.product(scenes, axis_combos(cfg.axes)):
+        for family, severity, seed in noise_settings(cfg.noise):
+            cells.append({"cell_id": cell_id(cfg, scene.scene_id, family, severity, seed, axis),
+                          "scene": json.dumps(asdict(scene)), "family": family, "severity": severity, "seed": seed,
+                          "axis": json.dumps(axis, sort_keys=True)})
+    return cells
