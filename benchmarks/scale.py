@@ -113,8 +113,10 @@ def _write_history(out: str, h: int, records_limit: int) -> dict:
     from breakscene.storage import filesystem, join
     from pipeline import records as R
     from pipeline import tables as T
+    from pipeline.preflight import claim_output_folder
 
     start = time.perf_counter()
+    claim_output_folder(out, "pipeline")  # the history stands for earlier runs of this project
     per_night = -(-h // NIGHTS)
     for night in range(NIGHTS):
         lo = night * per_night

@@ -127,9 +127,11 @@ def cmd_report(args) -> int:
 
 
 def _holding(output: str, what: str):
-    """Hold the output's lease (no run may commit meanwhile)."""
+    """Hold the output's lease (no run may commit meanwhile); only on an output of ours."""
     from .lease import Lease
+    from .preflight import check_existing_output
 
+    check_existing_output(output)
     return Lease(output, f"breakscene {what}")
 
 

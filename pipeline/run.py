@@ -33,7 +33,7 @@ from .config import JobConfig
 from .demo import build_demo_inputs
 from .doneset import DoneSet
 from .lease import Lease
-from .preflight import check_job
+from .preflight import check_job, claim_output_folder
 from .resources import fit_plan, stage_plan
 from .staging import SUMMARY_SCHEMA, Tally, finish_scored, skip_done, stage_tables
 from .stages import ContentClaims, Extract, Segment, load_images, score_and_select
@@ -91,6 +91,7 @@ def run_job(job: JobConfig, address: str | None = None, *, stages: StageFns | No
     out = job.output
     driver: dict[str, float] = {}
     # 1. lease, manifest shards (their header checked before any work)
+    claim_output_folder(out, "pipeline")
     with Lease(out, run_id):
         tick = time.perf_counter()
         uri = job.manifest.uri if job.manifest else build_demo_inputs(job.demo_inputs, out)

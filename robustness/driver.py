@@ -17,6 +17,8 @@ import numpy as np
 from breakscene.storage import join
 from pipeline.artifacts import write_json
 from pipeline.cluster import auto_gpus, init_ray
+from pipeline.lease import Lease
+from pipeline.preflight import check_output_folder, claim_output_folder
 
 from .cells import read_cells, write_measurements
 from .grid import StudyConfig, axis_combos, build_cells
@@ -72,24 +74,28 @@ def measure(cfg: StudyConfig, todo: list[dict], address: str | None) -> list[dic
 
 def run_study(cfg: StudyConfig, address: str | None = None) -> dict:
     cfg.storage.apply()
+    check_output_folder(cfg.output, "study")  # never into a folder of someone else's files
     started = time.perf_counter()
     scenes = collect_scenes(cfg.scenes)
     if not scenes:
         raise ValueError("the study has no scene: set scenes.generated, scenes.manifest or scenes.coco")
     cells = build_cells(cfg, scenes)
-    done = read_cells(cfg.output)
-    todo = [c for c in cells if c["cell_id"] not in done]
-    hours, source = estimate_gpu_hours(cfg, len(todo), done)
-    print(f"study {cfg.name}: {len(scenes)} scenes x {len(axis_combos(cfg.axes))} axis settings -> "
-          f"{len(cells)} cells, {len(cells) - len(todo)} done, {len(todo)} to run; "
-          f"estimated {hours:.3f} GPU-hours ({source})", flush=True)
-    statuses = measure(cfg, todo, address) if todo else []
-    all_cells = read_cells(cfg.output)
-    n_rows = write_measurements(cfg.output, all_cells)
-    summary = {"study": cfg.name, "cells": len(cells), "ran": sum(s["status"] != "resumed" for s in statuses),
-               "resumed": len(cells) - len(todo) + sum(s["status"] == "resumed" for s in statuses),
-               "skipped": sum(c["status"] == "skipped" for c in all_cells.values()),
-               "measurement_rows": n_rows, "estimated_gpu_hours": round(hours, 4), "estimate_source": source,
-               "seconds": round(time.perf_counter() - started, 3)}
-    write_json(join(cfg.output, "study.json"), summary, indent=2)
+    claim_output_folder(cfg.output, "study")
+    with Lease(cfg.output, f"study {cfg.name}"):  # one study at a time per output
+        done = read_cells(cfg.output)
+        todo = [c for c in cells if c["cell_id"] not in done]
+        hours, source = estimate_gpu_hours(cfg, len(todo), done)
+        print(f"study {cfg.name}: {len(scenes)} scenes x {len(axis_combos(cfg.axes))} axis settings -> "
+              f"{len(cells)} cells, {len(cells) - len(todo)} done, {len(todo)} to run; "
+              f"estimated {hours:.3f} GPU-hours ({source})", flush=True)
+        statuses = measure(cfg, todo, address) if todo else []
+        all_cells = read_cells(cfg.output)
+        n_rows = write_measurements(cfg.output, all_cells)
+        summary = {"study": cfg.name, "cells": len(cells),
+                   "ran": sum(s["status"] != "resumed" for s in statuses),
+                   "resumed": len(cells) - len(todo) + sum(s["status"] == "resumed" for s in statuses),
+                   "skipped": sum(c["status"] == "skipped" for c in all_cells.values()),
+                   "measurement_rows": n_rows, "estimated_gpu_hours": round(hours, 4), "estimate_source": source,
+                   "seconds": round(time.perf_counter() - started, 3)}
+        write_json(join(cfg.output, "study.json"), summary, indent=2)
     return summary

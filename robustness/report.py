@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from breakscene.storage import exists, join, read_bytes
+from breakscene.storage import exists, folder_state, join, read_bytes, refuse_foreign
 
 # metric -> (label, higher is better)
 METRICS = {
@@ -191,8 +191,10 @@ def sample_grids(ok: pd.DataFrame, n_scenes: int = 2) -> list[tuple[str, list[tu
 
 def build_report(results_uri: str, out_dir: str | Path) -> dict:
     out_dir = Path(out_dir)
-    (out_dir / "figures").mkdir(parents=True, exist_ok=True)
+    # a folder holding report.json is an earlier report (replaced); anything else is the user's
+    refuse_foreign(str(out_dir), folder_state(str(out_dir), "report.json"), "report.json")
     df = load_measurements(results_uri)
+    (out_dir / "figures").mkdir(parents=True, exist_ok=True)
     ok = df[df["status"] == "ok"].copy()
     skipped = df[df["status"] != "ok"].drop_duplicates("cell_id")
     metrics = [m for m in METRICS if m in ok and ok[m].notna().any()]

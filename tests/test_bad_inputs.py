@@ -299,3 +299,79 @@ def test_masks_of_the_pipeline_follow_the_same_rule(tmp_path):
     Image.fromarray(m).save(tmp_path / "m.png")
     mask = mask_from_image(load_mask_image(str(tmp_path / "m.png")), "m.png", (96, 64), [])
     assert mask.sum() == 400
+
+
+# --- a pipeline or study output folder that holds someone else's files -----------------
+
+def test_run_refuses_an_output_folder_holding_a_users_files(tmp_path, capsys):
+    out = tmp_path / "out"
+    (out / "images").mkdir(parents=True)
+    (out / "summary.json").write_text('{"mine": 1}')
+    (out / "images" / "mydata.csv").write_text("a,b\n")
+    before = tree(out)
+    assert main(["run", str(_job(tmp_path))]) == 2
+    err = one_error(capsys.readouterr().err)
+    assert f"output {out} holds files that this project did not write" in err
+    assert tree(out) == before and sorted(os.listdir(out)) == ["images", "summary.json"]
+
+
+def test_gc_and_compact_refuse_a_folder_that_is_not_an_output(tmp_path, capsys):
+    for command in ("gc", "compact"):
+        assert main([command, str(tmp_path / "typo")]) == 2
+        assert f"{tmp_path / 'typo'} is not a breakscene output" in one_error(capsys.readouterr().err)
+        assert not (tmp_path / "typo").exists()
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("mine")
+    assert main(["gc", str(tmp_path / "mine")]) == 2
+    assert "is not a breakscene output" in one_error(capsys.readouterr().err)
+    assert sorted(os.listdir(tmp_path / "mine")) == ["notes.txt"]
+
+
+def test_study_refuses_an_output_folder_holding_a_users_files(tmp_path, capsys):
+    out = tmp_path / "study"
+    (out / "measurements").mkdir(parents=True)
+    (out / "study.json").write_text('{"mine": true}')
+    (out / "measurements" / "part-0.parquet").write_text("mine")
+    before = tree(out)
+    job = {"kind": "study", "name": "probe", "output": str(out), "model": {"id": "tiny"},
+           "scenes": {"generated": 1}}
+    (tmp_path / "study.yaml").write_text(yaml.safe_dump(job))
+    assert main(["run", str(tmp_path / "study.yaml")]) == 2
+    assert f"output {out} holds files that this project did not write" in one_error(capsys.readouterr().err)
+    assert tree(out) == before
+
+
+@pytest.mark.parametrize("case", ["file", "users_folder", "no_measurements"])
+def test_report_refuses_to_replace_what_it_did_not_write(tmp_path, capsys, case):
+    out = tmp_path / "report"
+    results = tmp_path / "nowhere"
+    if case == "file":
+        out.write_text("mine")
+        message = f"{out} is a file"
+    elif case == "users_folder":
+        out.mkdir()
+        (out / "index.html").write_text("my page")
+        message = f"{out} holds files that this project did not write"
+    else:
+        message = "no study measurements"
+    if case != "no_measurements":
+        results.mkdir()  # found or not, the output is checked first
+    before = tree(tmp_path)
+    assert main(["report", str(results), "--out", str(out)]) == 2
+    assert message in one_error(capsys.readouterr().err)
+    assert tree(tmp_path) == before and (case != "no_measurements" or not out.exists())
+
+
+def test_a_second_study_on_the_same_output_is_refused(tmp_path, capsys):
+    from pipeline.lease import Lease
+    from pipeline.preflight import claim_output_folder
+
+    out = tmp_path / "study"
+    job = {"kind": "study", "name": "probe", "output": str(out), "model": {"id": "tiny"},
+           "scenes": {"generated": 1}}
+    (tmp_path / "study.yaml").write_text(yaml.safe_dump(job))
+    claim_output_folder(str(out), "study")  # what the first study did before taking the lease
+    with Lease(str(out), "the first study"):
+        assert main(["run", str(tmp_path / "study.yaml")]) == 2
+    assert "is in use by run the first study" in one_error(capsys.readouterr().err)
+    assert sorted(os.listdir(out)) == [".breakscene-output"]  # no cell, no table

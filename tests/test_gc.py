@@ -1,11 +1,13 @@
 """`breakscene gc OUT`: removes only what this project left half-written."""
 from pipeline.cli import main
+from pipeline.preflight import claim_output_folder
 
 
 def test_gc_removes_our_leftovers_and_nothing_of_the_users(tmp_path, capsys):
     bundles = tmp_path / "out" / "bundles"
     done = bundles / "bear"
     done.mkdir(parents=True)
+    claim_output_folder(str(tmp_path / "out"), "pipeline")  # as every run's first write does
     (done / "bundle.json").write_text("{}")
     leftover = bundles / ".bear.tmp-1a2b3c4d"  # a killed local commit
     leftover.mkdir()
