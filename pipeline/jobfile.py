@@ -39,5 +39,11 @@ def load_job(path: str | Path, overrides: dict | None = None):
 
         if "force" in data:
             raise BreakSceneError(f"{path}: a study never recomputes finished cells; remove its outputs to redo them")
+        flags = sorted(k for k in overrides if k not in StudyConfig.model_fields)
+        if flags:  # the command line's, not the file's: say so
+            names = ", ".join("--" + k.replace("_", "-") for k in flags)
+            raise BreakSceneError(f"{names}: not an option of a study job ({path} has kind: study)")
         return validate_config(StudyConfig, data, str(path))
+    if "kind" in data and data["kind"] != "extract":
+        raise BreakSceneError(f"{path}: kind {data['kind']!r} is not a job kind: use extract (the default) or study")
     return validate_config(JobConfig, data, str(path))

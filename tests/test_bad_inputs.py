@@ -375,3 +375,20 @@ def test_a_second_study_on_the_same_output_is_refused(tmp_path, capsys):
         assert main(["run", str(tmp_path / "study.yaml")]) == 2
     assert "is in use by run the first study" in one_error(capsys.readouterr().err)
     assert sorted(os.listdir(out)) == [".breakscene-output"]  # no cell, no table
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--stop-after", "score"], "--stop-after: not an option of a study job"),
+    (["--manifest", "m.jsonl"], "--manifest: not an option of a study job"),
+])
+def test_a_command_line_flag_a_study_lacks_is_named_as_a_flag(tmp_path, capsys, args, message):
+    job = {"kind": "study", "name": "probe", "output": str(tmp_path / "out"), "scenes": {"generated": 1}}
+    (tmp_path / "study.yaml").write_text(yaml.safe_dump(job))
+    assert main(["run", str(tmp_path / "study.yaml"), *args]) == 2
+    assert message in one_error(capsys.readouterr().err)
+
+
+def test_an_unknown_job_kind_names_the_kinds(tmp_path, capsys):
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump({"kind": "studdy", "output": str(tmp_path / "out")}))
+    assert main(["run", str(tmp_path / "job.yaml")]) == 2
+    assert "kind 'studdy' is not a job kind: use extract (the default) or study" in one_error(capsys.readouterr().err)
