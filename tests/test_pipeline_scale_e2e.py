@@ -93,11 +93,13 @@ def test_score_only_sharded_manifest_then_a_retry_leaves_one_current_row(tmp_pat
 
 def test_a_second_run_on_the_same_output_is_refused(tmp_path, examples):
     from pipeline.lease import Lease
+    from pipeline.preflight import claim_output_folder
 
     manifest = tmp_path / "m.jsonl"
     manifest.write_text(json.dumps({"image_uri": str(examples / "bear" / "img.jpg")}) + "\n")
     out = tmp_path / "out"
     job = write_job(tmp_path / "job.yaml", str(manifest), str(out))
+    claim_output_folder(str(out), "pipeline")  # what the run in progress wrote before its lease
     with Lease(str(out), "nightly-20261126"):  # a run in progress on the same output
         proc = run_cli("run", str(job), timeout=300)
     assert proc.returncode == 2, proc.stderr[-2000:]
