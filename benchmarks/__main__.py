@@ -19,19 +19,31 @@ from benchmarks.common import EXAMPLES, example_scene, machine
 
 
 def bench_extract(args) -> dict:
-    from benchmarks.authors_flow import run_authors_flow, step1_parity
     from breakscene.config import ExtractConfig
     from breakscene.extractor import Extractor
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     scene, scene_name = example_scene()
     prior = {"num_class_images": args.class_images, "generation_steps": args.class_steps}
-    grid_seeds = getattr(args, "grid_seeds", 2)
-    cfg = ExtractConfig(phase1_steps=args.steps, phase2_steps=args.steps, prior=prior, grid_seeds=grid_seeds)
+    cfg = ExtractConfig(phase1_steps=args.steps, phase2_steps=args.steps, prior=prior,
+                        grid_seeds=getattr(args, "grid_seeds", 2), resolution=getattr(args, "resolution", None))
     ex = Extractor(args.model, device=str(device), progress=False)  # "models already loaded"
-    ex.extract(scene, cfg.model_copy(update={"phase1_steps": 2, "phase2_steps": 2}))  # warm-up + class cache
     rows = {"machine": machine(), "model": args.model, "scene": scene_name, "steps": [args.steps, args.steps],
-            "prior": prior, "ours": {}}
+            "prior": prior, "resolution": cfg.resolution or ex.models.native_resolution}
+    if not getattr(args, "per_step_only", False):
+        rows.update(scene_costs(ex, scene, cfg, args, device))
+    rows["per_step"] = step_costs(ex, scene, cfg, args, rows)
+    if getattr(args, "realistic", False):
+        rows["realistic"] = realistic_costs(args, scene, device)
+    return rows
+
+
+def scene_costs(ex, scene, cfg, args, device) -> dict:
+    """Whole scenes: ours per mode, the sample grid two ways, the step-1 parity, the authors' flow."""
+    from benchmarks.authors_flow import run_authors_flow, step1_parity
+
+    ex.extract(scene, cfg.model_copy(update={"phase1_steps": 2, "phase2_steps": 2}))  # warm-up + class cache
+    rows: dict = {"ours": {}}
     for mode in args.modes:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
@@ -47,8 +59,8 @@ def bench_extract(args) -> dict:
         if device.type == "cuda":
             row["peak_gpu_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
         rows["ours"][mode] = row
-    if grid_seeds:
-        rows["grid"] = grid_costs(ex, scene.num_concepts, grid_seeds, cfg)
+    if cfg.grid_seeds:
+        rows["grid"] = grid_costs(ex, scene.num_concepts, cfg.grid_seeds, cfg)
     rows["step1_loss"] = step1_parity(ex, scene, cfg)
     if not args.no_baseline:
         with tempfile.TemporaryDirectory() as tmp:
@@ -64,6 +76,40 @@ def bench_extract(args) -> dict:
             "scene_total": round(authors["total"] / ours["total_without_grid_s"], 2),
         }
     return rows
+
+
+def step_costs(ex, scene, cfg, args, rows: dict) -> dict:
+    """Per-step rows (benchmarks/steps.py); beside them, each whole run's seconds per step."""
+    from benchmarks.steps import per_step_costs
+
+    out = per_step_costs(ex, scene, cfg, rounds=args.rounds, block=args.block, authors=not args.no_baseline)
+    for phase in ("phase1", "phase2"):
+        if "loop_ms" not in out[phase]:
+            continue
+        if "full" in rows.get("ours", {}) and args.steps:  # the whole 400-step runs, for reference
+            out[phase]["extract_run_ms"] = round(1000 * rows["ours"]["full"][phase] / args.steps, 2)
+        if "authors" in rows and args.steps:
+            out[phase]["authors_run_ms"] = round(1000 * rows["authors"][phase] / args.steps, 2)
+    return out
+
+
+def realistic_costs(args, scene, device) -> dict:
+    """The per-step rows at Stable Diffusion 2.1's shapes (random weights) and a realistic resolution."""
+    from benchmarks.steps import per_step_costs
+    from breakscene.config import ExtractConfig
+    from breakscene.extractor import Extractor
+
+    cfg = ExtractConfig(resolution=args.realistic_resolution, grid_seeds=0,
+                        prior={"num_class_images": 2, "generation_steps": 2})
+    ex = Extractor("sd21-base-random", device=str(device), progress=False)
+    try:
+        out = per_step_costs(ex, scene, cfg, rounds=args.realistic_rounds, block=args.realistic_block,
+                             authors=not args.no_baseline)
+    finally:
+        del ex
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return {"model": "sd21-base-random", "resolution": args.realistic_resolution, **out}
 
 
 def grid_costs(ex, n_concepts: int, grid_seeds: int, cfg) -> dict:
@@ -251,9 +297,7 @@ def table(name: str, result: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks")
-    sub = parser.add_subparsers(dest="bench", required=True)
+def add_extract_parser(sub) -> None:
     ex = sub.add_parser("extract", help="one scene: ours vs the authors' flow")
     ex.add_argument("--model", default="tiny")
     ex.add_argument("--steps", type=int, default=400, help="steps per phase")
@@ -262,6 +306,21 @@ def main(argv=None) -> int:
     ex.add_argument("--modes", nargs="+", default=["full", "lora"])
     ex.add_argument("--grid-seeds", type=int, default=2, help="sample grid columns per bundle (0: no grid)")
     ex.add_argument("--no-baseline", action="store_true")
+    ex.add_argument("--resolution", type=int, help="pixels a side (default: the model's native size)")
+    ex.add_argument("--rounds", type=int, default=8, help="per-step rows: rounds of one block of each kind")
+    ex.add_argument("--block", type=int, default=12, help="per-step rows: steps per block")
+    ex.add_argument("--per-step-only", action="store_true", help="only the per-step rows, no whole scenes")
+    ex.add_argument("--realistic", action=argparse.BooleanOptionalAction, default=torch.cuda.is_available(),
+                    help="also the per-step rows at sd21-base-random shapes (default: on with a GPU)")
+    ex.add_argument("--realistic-resolution", type=int, default=256)
+    ex.add_argument("--realistic-rounds", type=int, default=2)
+    ex.add_argument("--realistic-block", type=int, default=2)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks")
+    sub = parser.add_subparsers(dest="bench", required=True)
+    add_extract_parser(sub)
     sam = sub.add_parser("sam", help="automatic mask generation throughput")
     sam.add_argument("--points", type=int, default=32)
     sam.add_argument("--repeats", type=int, default=1, help="times the four photos are segmented")

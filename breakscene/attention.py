@@ -89,7 +89,7 @@ class CaptureAttnProcessor:
             scores = scores + mask.view(batch, attn.heads, -1, mask.shape[-1])
         probs = scores.float().softmax(dim=-1)  # softmax in fp32 even under autocast
         if self.store.enabled:
-            self.store.maps[self.name] = probs.mean(dim=1)
+            self.keep(probs)
         out = torch.matmul(probs.to(value.dtype), value)
         out = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim)
         out = attn.to_out[1](attn.to_out[0](out))
@@ -98,6 +98,10 @@ class CaptureAttnProcessor:
         if attn.residual_connection:
             out = out + residual
         return out / attn.rescale_output_factor
+
+    def keep(self, probs: torch.Tensor) -> None:
+        """Store this layer's (batch, heads, queries, tokens) probabilities for the loss."""
+        self.store.maps[self.name] = probs.mean(dim=1)
 
 
 def install_capture(unet, store: AttentionStore, downsample: int) -> list[str]:

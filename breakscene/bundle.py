@@ -22,14 +22,20 @@ import datetime as dt
 import json
 import tempfile
 import time
-from pathlib import Path
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING, Annotated, TypeVar
 
 import torch
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from .config import MAX_RESOLUTION, validate_config
 from .errors import BundleError
+from .failpoints import failpoint
 from .storage import exists, fetch_dir, join, publish_dir, read_bytes
+from .strictjson import to_json
 
 if TYPE_CHECKING:
     from .extraction import ExtractionResult, TrainedScene
@@ -52,11 +58,19 @@ def is_complete(uri: str) -> bool:
 
 
 def read_manifest(uri: str) -> dict:
+    """``bundle.json``, with the fields loading reads checked (``BundleManifest``): a
+    BundleError naming the file and the field otherwise."""
+    marker = join(uri, MARKER)
     if not is_complete(uri):
         raise BundleError(f"{uri} is not a complete bundle (no {MARKER})")
-    info = json.loads(read_bytes(join(uri, MARKER)))
-    if info.get("format") != FORMAT or info.get("version") not in READABLE:
-        raise BundleError(f"{uri}: unsupported bundle format {info.get('format')!r} v{info.get('version')}")
+    try:
+        info = json.loads(read_bytes(marker))
+    except ValueError as exc:  # not JSON, not UTF-8
+        raise BundleError(f"{marker} is not JSON: {exc}") from None
+    if not isinstance(info, dict) or info.get("format") != FORMAT or info.get("version") not in READABLE:
+        found = info if isinstance(info, dict) else {}
+        raise BundleError(f"{uri}: unsupported bundle format {found.get('format')!r} v{found.get('version')}")
+    validate_config(BundleManifest, info, marker, error=BundleError, what="bundle")
     return info
 
 
@@ -81,6 +95,7 @@ def write_bundle(out: str, trained: TrainedScene, result: ExtractionResult) -> N
         tmp = Path(tmp_name)
         files: dict = {"embeddings": [], "masks": []}
         _write_weights(tmp, trained, result.tokens, files)
+        failpoint("bundle-half-written")
         _write_inputs(tmp, trained.prepared.inputs, files)
         # Diagnostics in their own folder: diffusers' LoRA loader reads the root's .safetensors.
         (tmp / "diagnostics").mkdir()
@@ -90,7 +105,7 @@ def write_bundle(out: str, trained: TrainedScene, result: ExtractionResult) -> N
         info = _bundle_manifest(trained, result, files, sampler)
         files["card"] = "README.md"
         _write_card(tmp, info, out)
-        (tmp / MARKER).write_text(json.dumps(info, indent=2))
+        (tmp / MARKER).write_text(to_json(info, indent=2))
         publish_dir(tmp, out, MARKER)
     result.bundle_uri = out
     result.grid_uri = join(out, "grid.png") if "grid" in files else None
@@ -219,48 +234,211 @@ def card_paths(info: dict, uri: str) -> tuple[str, str, str]:
     return bundle_path, "path/to/a/local/copy/of/the/base", f"a local copy of {model['id']}"
 
 
+# --- reading a bundle --------------------------------------------------------------
+# Everything bundle.json names is checked before a model is loaded: the fields loading reads,
+# paths that stay inside the bundle, and weights that are whole safetensors files. Nothing here
+# lets a loader fall back to a pickle (torch.load) or to the hub for a file that is missing.
+
+# the names diffusers and transformers save weights under, and read them from
+WEIGHT_FILES = {"unet": "diffusion_pytorch_model.safetensors", "text_encoder": "model.safetensors",
+                "lora": "pytorch_lora_weights.safetensors"}
+T = TypeVar("T")
+
+
+def inside_bundle(rel: str) -> str:
+    path = PurePosixPath(rel)
+    if not rel or "://" in rel or "\\" in rel or path.is_absolute() or ".." in path.parts:
+        raise ValueError(f"{rel!r} is outside the bundle: its paths are relative to its folder, without ..")
+    return rel
+
+
+BundlePath = Annotated[str, AfterValidator(inside_bundle)]
+
+
+class BundleFiles(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    embeddings: list[BundlePath] = Field(min_length=1)
+    lora: BundlePath | None = None
+    unet: BundlePath | None = None
+    text_encoder: BundlePath | None = None
+    scheduler: BundlePath | None = None
+    masks: list[BundlePath] = Field(default_factory=list)
+    image: BundlePath | None = None
+    attention_maps: BundlePath | None = None
+    grid: BundlePath | None = None
+    card: BundlePath | None = None
+
+
+class BundleBase(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    id: str
+    revision: str | None = None
+
+
+class BundleSampler(BaseModel):
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
+
+    name: str = "ddim"
+    num_inference_steps: int = Field(ge=1)
+    guidance_scale: float = Field(ge=0)
+
+
+class BundleManifest(BaseModel):
+    """The fields of ``bundle.json`` that loading reads; the others are information."""
+
+    model_config = ConfigDict(extra="allow")
+
+    tokens: list[str] = Field(min_length=1)
+    phase2_mode: str = "full"
+    resolution: int = Field(ge=8, le=MAX_RESOLUTION)
+    model: BundleBase
+    files: BundleFiles
+    sampler: BundleSampler | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "BundleManifest":
+        if len(self.tokens) != len(self.files.embeddings):
+            raise ValueError(f"{len(self.tokens)} tokens for {len(self.files.embeddings)} files.embeddings: "
+                             "one token per file")
+        if bool(self.files.unet) != bool(self.files.text_encoder):
+            raise ValueError("files.unet and files.text_encoder come together (phase 2 mode full)")
+        return self
+
+
+def guarded(uri: str, rel: str, call: Callable[[], T]) -> T:
+    """``call()``, a library loader reading ``rel``: whatever it raises becomes one
+    BundleError naming the file."""
+    try:
+        return call()
+    except BundleError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - each library raises its own types
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        raise BundleError(f"{uri}: {rel} cannot be loaded: {reason}") from exc
+
+
+def bundle_path(uri: str, local: Path, field: str, rel: str) -> Path:
+    """``rel`` in the local copy, refused when it leads outside the bundle (a symbolic link)."""
+    path = (local / rel).resolve()
+    if not path.is_relative_to(local.resolve()):
+        raise BundleError(f"{uri}: files.{field}: {rel!r} is outside the bundle")
+    return path
+
+
+def check_safetensors(uri: str, path: Path, rel: str) -> Path:
+    """``path``, when it is a whole safetensors file (a pickle, a truncated file are not)."""
+    if not path.is_file():
+        raise BundleError(f"{uri}: {rel} is missing (bundle.json lists it)")
+    try:
+        with safe_open(str(path), "pt") as fh:
+            fh.keys()
+    except (SafetensorError, OSError) as exc:
+        raise BundleError(f"{uri}: {rel} is not a whole safetensors file ({exc})") from None
+    return path
+
+
+def weight_file(uri: str, local: Path, field: str, rel: str) -> Path:
+    """The checked weights of ``files.<field>``: the file itself, or the one the library
+    reads inside the folder it names (with its config.json for unet / text_encoder)."""
+    path = bundle_path(uri, local, field, rel)
+    if field == "lora" and not path.is_dir():
+        return check_safetensors(uri, path, rel)
+    folder = rel.rstrip("/")
+    if field != "lora" and not (path / "config.json").is_file():
+        raise BundleError(f"{uri}: {folder}/config.json is missing (bundle.json lists {folder})")
+    name = f"{folder}/{WEIGHT_FILES[field]}"
+    return check_safetensors(uri, bundle_path(uri, local, field, name), name)
+
+
+def checked_files(uri: str, local: Path, files: dict) -> dict:
+    """The local paths of what loading reads, each checked: embeddings (files), lora (a
+    file), unet / text_encoder / scheduler (folders)."""
+    out: dict = {"embeddings": [check_safetensors(uri, bundle_path(uri, local, "embeddings", rel), rel)
+                                for rel in files["embeddings"]]}
+    for field in ("unet", "text_encoder", "lora"):
+        if files.get(field):
+            path = weight_file(uri, local, field, files[field])
+            out[field] = path.parent if field != "lora" else path
+    if files.get("scheduler"):
+        out["scheduler"] = bundle_path(uri, local, "scheduler", files["scheduler"])
+        if not (out["scheduler"] / "scheduler_config.json").is_file():
+            raise BundleError(f"{uri}: {files['scheduler']}/scheduler_config.json is missing")
+    return out
+
+
+def read_embeddings(uri: str, info: dict, paths: list[Path], width: int) -> list[torch.Tensor]:
+    """One vector (or rows of vectors) per token, each ``width`` wide as the text encoder's rows."""
+    from safetensors.torch import load_file
+
+    vectors = []
+    for rel, path in zip(info["files"]["embeddings"], paths):
+        tensors = list(load_file(path).values())
+        if len(tensors) != 1 or tensors[0].ndim not in (1, 2) or tensors[0].shape[-1] != width:
+            shapes = [tuple(t.shape) for t in tensors]
+            raise BundleError(f"{uri}: {rel} holds {shapes}: one vector of {width} values (the text encoder's "
+                              "width) was expected")
+        vectors.append(tensors[0])
+    return vectors
+
+
+def bundle_scheduler(uri: str, info: dict, paths: dict, default, sampler: str | None):
+    """The sampler the bundle's grid used (its saved config), or ``sampler`` when named."""
+    import diffusers
+
+    from .schedulers import SCHEDULERS, make_scheduler
+
+    recorded, scheduler = info.get("sampler"), default  # version 1 bundles sampled with DDIM
+    if recorded and "scheduler" in paths:
+        if recorded.get("name") not in SCHEDULERS:
+            raise BundleError(f"{uri}: sampler {recorded.get('name')!r} is not one of {', '.join(SCHEDULERS)}")
+        cls = getattr(diffusers, SCHEDULERS[recorded["name"]])
+        scheduler = guarded(uri, info["files"]["scheduler"], lambda: cls.from_pretrained(paths["scheduler"]))
+    if sampler and sampler != (recorded or {}).get("name", "ddim"):
+        scheduler = make_scheduler(sampler, scheduler.config)
+    return scheduler
+
+
 def load_bundle_pipeline(uri: str, device: str | None = None, sampler: str | None = None):
     """(pipeline with the bundle's tokens, weights and sampler, manifest), via diffusers' own
-    loaders. ``sampler`` (a schedulers.SCHEDULERS name) replaces the bundle's recorded one."""
+    loaders. ``sampler`` (a schedulers.SCHEDULERS name) replaces the bundle's recorded one.
+    The bundle is checked whole before the base model is loaded."""
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextModel
 
     from .generate import make_pipeline
     from .models import load_models, pick_device
-    from .schedulers import SCHEDULERS, make_scheduler
 
     info = read_manifest(uri)
     files = info["files"]
-    models = load_models(info["model"]["id"], info["model"]["revision"])
     with tempfile.TemporaryDirectory(prefix="bundle-") as tmp:
         local = fetch_dir(uri, Path(tmp))
-        if files.get("unet"):
-            models.unet = UNet2DConditionModel.from_pretrained(local / files["unet"])
-            models.text_encoder = CLIPTextModel.from_pretrained(local / files["text_encoder"])
-        pipe = make_pipeline(models.unet, models.vae, models.text_encoder, models.tokenizer,
-                             models.scheduler.config)  # version 1 bundles sampled with DDIM
-        recorded = info.get("sampler")
-        if recorded and files.get("scheduler"):
-            if recorded.get("name") not in SCHEDULERS:
-                raise BundleError(f"{uri}: sampler {recorded.get('name')!r} is not one of {', '.join(SCHEDULERS)}")
-            import diffusers
-
-            cls = getattr(diffusers, SCHEDULERS[recorded["name"]])
-            pipe.scheduler = cls.from_pretrained(local / files["scheduler"])
-        if sampler and sampler != (recorded or {}).get("name", "ddim"):
-            pipe.scheduler = make_scheduler(sampler, pipe.scheduler.config)
+        paths = checked_files(uri, local, files)
+        models = load_models(info["model"]["id"], info["model"]["revision"])
+        if "unet" in paths:  # safetensors only: never a pickle beside a missing file
+            models.unet = guarded(uri, files["unet"], lambda: UNet2DConditionModel.from_pretrained(
+                paths["unet"], use_safetensors=True))
+            models.text_encoder = guarded(uri, files["text_encoder"], lambda: CLIPTextModel.from_pretrained(
+                paths["text_encoder"], use_safetensors=True))
+        vectors = read_embeddings(uri, info, paths["embeddings"],
+                                  models.text_encoder.get_input_embeddings().embedding_dim)
+        pipe = make_pipeline(models.unet, models.vae, models.text_encoder, models.tokenizer, models.scheduler.config)
+        pipe.scheduler = bundle_scheduler(uri, info, paths, pipe.scheduler, sampler)
         pipe.to(pick_device(device))
-        if files.get("lora"):
-            pipe.load_lora_weights(str(local / files["lora"]))
-        pipe.load_textual_inversion([str(local / f) for f in files["embeddings"]], token=info["tokens"])
+        if "lora" in paths:
+            guarded(uri, files["lora"], lambda: pipe.load_lora_weights(str(paths["lora"]), use_safetensors=True))
+        guarded(uri, ", ".join(files["embeddings"]),
+                lambda: pipe.load_textual_inversion(vectors, token=info["tokens"]))
     return pipe, info
 
 
 def load_embeddings(uri: str) -> dict[str, torch.Tensor]:
+    """{file's token: vector} of every embedding file the bundle lists."""
     from safetensors.torch import load
 
     info = read_manifest(uri)
     out = {}
     for rel in info["files"]["embeddings"]:
-        out.update(load(read_bytes(join(uri, rel))))
+        out.update(guarded(uri, rel, lambda rel=rel: load(read_bytes(join(uri, rel)))))
     return out

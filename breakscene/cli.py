@@ -7,20 +7,26 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import logging
-import math
 import re
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from .cli_options import finish_parser, package_version, setup_logging, show_defaults
-from .config import DEFAULT_MODEL, ExtractConfig, RuntimeConfig, validate_config
+from .cli_options import (finish_parser, package_version, setup_logging, show_defaults, unknown_flags,
+                          validate_flags)
+from .config import (DEFAULT_MODEL, MAX_RESOLUTION, SEED_LIMIT, ExtractConfig, GenerateOptions, RuntimeConfig,
+                     read_settings_file, validate_config)
 from .errors import BreakSceneError
+from .interrupts import Stopped, as_stopped, stop_on_signals
+from .strictjson import to_json
 
 log = logging.getLogger("breakscene")
+
+
+# --smoke: the whole path in seconds on a laptop (a check of the install, not a concept)
+SMOKE = {"phase1_steps": 2, "phase2_steps": 2, "grid_seeds": 0}
 
 
 def add_extract_parser(sub) -> None:
@@ -33,26 +39,32 @@ def add_extract_parser(sub) -> None:
                    help="initializer word per concept, in mask order")
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help="preset (tiny, sd21-base-random), diffusers folder, fsspec URI or hub id")
-    p.add_argument("--revision", default=None)
+    p.add_argument("--revision", default=None, help="the model's hub revision (branch, tag or commit)")
     p.add_argument("--config", help="YAML file with ExtractConfig fields (flags below override it)")
-    p.add_argument("--phase1-steps", type=int)
-    p.add_argument("--phase2-steps", type=int)
-    p.add_argument("--phase2-mode", choices=["full", "lora"])
-    p.add_argument("--lambda-attn", type=float)
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--resolution", type=int)
-    p.add_argument("--prior-preservation", action=argparse.BooleanOptionalAction, default=None)
-    p.add_argument("--class-data-dir")
-    p.add_argument("--num-class-images", type=int)
-    p.add_argument("--grid-seeds", type=int)
-    p.add_argument("--seed", type=int)
+    p.add_argument("--phase1-steps", type=int, help="steps training only the new token rows")
+    p.add_argument("--phase2-steps", type=int, help="steps training the tokens with the UNet and text encoder")
+    p.add_argument("--phase2-mode", choices=["full", "lora"],
+                   help="phase 2 trains the whole UNet and text encoder (full, ~4.8 GB bundles at SD 2.1) "
+                        "or LoRA adapters (lora, a few MB)")
+    p.add_argument("--lambda-attn", type=float, help="weight of the cross-attention loss")
+    p.add_argument("--batch-size", type=int, help="examples per training step")
+    p.add_argument("--resolution", type=int, help=f"pixels a side, up to {MAX_RESOLUTION}")
+    p.add_argument("--prior-preservation", action=argparse.BooleanOptionalAction, default=None,
+                   help="train on class images too, so the model keeps its prior")
+    p.add_argument("--class-data-dir", help="folder of class images (default: generated once and cached)")
+    p.add_argument("--num-class-images", type=int, help="class images for prior preservation")
+    p.add_argument("--grid-seeds", type=int, help="seeds of the bundle's sample grid; 0 writes no grid")
+    p.add_argument("--smoke", action="store_true",
+                   help="a quick check of the whole path: 2 + 2 steps, no prior preservation, no sample grid "
+                        "(flags given beside it win)")
+    p.add_argument("--seed", type=int, help=f"0 to {SEED_LIMIT - 1}")
     p.add_argument("--device", help="cuda, cuda:1 or cpu (default: cuda when present)")
     p.add_argument("--compile", action="store_true", help="torch.compile the UNet (slow start, faster steps)")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
                    help="NHWC convolutions in the UNet (default: on)")
     p.add_argument("--gradient-checkpointing", choices=["auto", "on", "off"], default="auto",
                    help="recompute activations in backward; auto: only when the predicted peak does not fit the GPU")
-    p.add_argument("--out", required=True, help="bundle folder or URI to write")
+    p.add_argument("--out", "--output", dest="out", required=True, help="bundle folder or URI to write")
     p.add_argument("--force", action="store_true", help="replace an existing bundle at --out")
     cfg = ExtractConfig()
     # flags left out take the config's value (published settings), shown in --help
@@ -67,21 +79,24 @@ def add_generate_parser(sub) -> None:
     from .schedulers import SCHEDULERS
 
     p = sub.add_parser("generate", help="generate images from a concept bundle")
-    p.add_argument("--bundle", required=True)
+    p.add_argument("--bundle", required=True, help="bundle folder or URI (what extract wrote)")
     p.add_argument("--prompt", required=True, help='e.g. "a photo of <asset0> at the beach"')
     p.add_argument("--negative-prompt", help="what guidance steers away from, e.g. \"blurry, low quality\"")
     p.add_argument("--num-images", type=int, default=1, help="images with seeds --seed, --seed + 1, ... in one batch")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help=f"0 to {SEED_LIMIT - 1}")
     p.add_argument("--scheduler", choices=list(SCHEDULERS),
                    help="sampler (default: the one the bundle's grid was made with)")
     p.add_argument("--steps", type=int, help="sampler steps (default: the bundle's grid setting)")
     p.add_argument("--guidance-scale", type=float, help="classifier-free guidance (default: the bundle's grid setting)")
-    p.add_argument("--height", type=int, help="pixels, a multiple of 8 (default: the bundle's training resolution)")
-    p.add_argument("--width", type=int, help="pixels, a multiple of 8 (default: the bundle's training resolution)")
+    p.add_argument("--height", type=int, help=f"pixels, a multiple of 8 up to {MAX_RESOLUTION} "
+                                              "(default: the bundle's training resolution)")
+    p.add_argument("--width", type=int, help=f"pixels, a multiple of 8 up to {MAX_RESOLUTION} "
+                                             "(default: the bundle's training resolution)")
     p.add_argument("--lora-scale", type=float,
                    help="strength of a lora bundle's adapters: 0 the base weights, 1 as trained (default: 1)")
-    p.add_argument("--device")
-    p.add_argument("--out", required=True, help="PNG file (several images are laid side by side)")
+    p.add_argument("--device", help="cuda, cuda:1 or cpu (default: cuda when present)")
+    p.add_argument("--out", "--output", dest="out", required=True,
+                   help="PNG file (several images are laid side by side)")
     p.add_argument("--force", action="store_true", help="replace an existing file at --out")
     p.set_defaults(func=cmd_generate)
 
@@ -98,23 +113,11 @@ def add_export_base_parser(sub) -> None:
 
 
 def config_from_args(args) -> ExtractConfig:
-    import yaml
-
-    data: dict = {}
-    if args.config:
-        try:
-            with open(args.config) as fh:
-                data = yaml.safe_load(fh) or {}
-        except (OSError, UnicodeDecodeError) as exc:
-            raise BreakSceneError(f"config file {args.config} cannot be read: {exc}") from None
-        except yaml.YAMLError as exc:
-            where = getattr(exc, "problem_mark", None)
-            at = f" (line {where.line + 1}, column {where.column + 1})" if where else ""
-            raise BreakSceneError(f"config file {args.config} is not valid YAML{at}: "
-                                  f"{getattr(exc, 'problem', None) or exc}") from None
-        if not isinstance(data, dict):
-            raise BreakSceneError(f"config file {args.config} must be a mapping of ExtractConfig fields "
-                                  f"(key: value lines), not a {type(data).__name__}")
+    # the job files' reader: bounded size, alias expansion and depth
+    data = read_settings_file(args.config, "config file") if args.config else {}
+    if args.smoke:  # below a config file and the explicit flags
+        prior = data.get("prior") if isinstance(data.get("prior"), dict) else {}
+        data = {**data, **SMOKE, "prior": {**prior, "enabled": False}}
     flat = {"phase1_steps": args.phase1_steps, "phase2_steps": args.phase2_steps,
             "phase2_mode": args.phase2_mode, "lambda_attn": args.lambda_attn, "batch_size": args.batch_size,
             "resolution": args.resolution, "seed": args.seed, "grid_seeds": args.grid_seeds}
@@ -132,15 +135,16 @@ def config_from_args(args) -> ExtractConfig:
 
 
 def cmd_extract(args) -> int:
+    from .budget import check_fits
     from .bundle import MARKER
     from .extractor import Extractor
     from .models import pick_device
     from .outputs import check_output_dir
     from .scene import load_scene, scene_dir_files
 
-    # Every check before any model is loaded: config, device, inputs, output.
+    # Every check before any model is loaded: config, device, inputs, output, memory.
     cfg = config_from_args(args)
-    pick_device(args.device)
+    device = pick_device(args.device)
     if args.scene:
         image, masks = scene_dir_files(args.scene)
     elif not args.mask:
@@ -152,9 +156,10 @@ def cmd_extract(args) -> int:
     scene = load_scene(image, masks, cfg.max_concepts)
     if len(args.init_token) > scene.num_concepts:
         raise BreakSceneError(f"{len(args.init_token)} --init-token words for {scene.num_concepts} masks")
-    start = time.perf_counter()
     runtime = RuntimeConfig(compile=args.compile, channels_last=args.channels_last,
                             gradient_checkpointing=args.gradient_checkpointing)
+    check_fits(args.model, args.revision, cfg, device, runtime)
+    start = time.perf_counter()
     extractor = Extractor(args.model, args.revision, device=args.device, max_concepts=cfg.max_concepts,
                           runtime=runtime)
     result = extractor.extract(scene, cfg, out=args.out, init_words=args.init_token)
@@ -185,15 +190,7 @@ def cmd_generate(args) -> int:
     from .schedulers import sampler_name
     from .storage import write_bytes
 
-    if args.num_images < 1:
-        raise BreakSceneError("--num-images must be at least 1")
-    if args.steps is not None and args.steps < 1:
-        raise BreakSceneError("--steps must be at least 1")
-    for flag, value in (("--height", args.height), ("--width", args.width)):
-        if value is not None and (value < 8 or value % 8):
-            raise BreakSceneError(f"{flag} {value} must be a positive multiple of 8")
-    if args.lora_scale is not None and not math.isfinite(args.lora_scale):
-        raise BreakSceneError(f"--lora-scale {args.lora_scale} must be a finite number")
+    opts = validate_flags(GenerateOptions, {k: getattr(args, k) for k in GenerateOptions.model_fields})
     from .models import pick_device
     from .outputs import check_output_file
 
@@ -203,23 +200,23 @@ def cmd_generate(args) -> int:
     unknown = [t for t in re.findall(r"<asset\d+>", args.prompt) if t not in info["tokens"]]
     if unknown:
         raise BreakSceneError(f"prompt uses {', '.join(unknown)}, not in this bundle ({', '.join(info['tokens'])})")
-    if args.lora_scale is not None and not info["files"].get("lora"):
+    if opts.lora_scale is not None and not info["files"].get("lora"):
         raise BreakSceneError(f"--lora-scale: bundle {args.bundle} has no LoRA (phase 2 mode {info['phase2_mode']})")
     # defaults: the settings the bundle's grid was sampled with (version 1 bundles: DDIM, 25 steps)
     recorded = info.get("sampler") or {"num_inference_steps": 25, "guidance_scale": 7.5}
-    steps = args.steps or recorded["num_inference_steps"]
-    guidance = recorded["guidance_scale"] if args.guidance_scale is None else args.guidance_scale
-    height, width = args.height or info["resolution"], args.width or info["resolution"]
-    seeds = list(range(args.seed, args.seed + args.num_images))
+    steps = opts.steps or recorded["num_inference_steps"]
+    guidance = recorded["guidance_scale"] if opts.guidance_scale is None else opts.guidance_scale
+    height, width = opts.height or info["resolution"], opts.width or info["resolution"]
+    seeds = list(range(opts.seed, opts.seed + opts.num_images))
     images = generate_images(pipe, args.prompt, seeds, steps, guidance, height=height, width=width,
-                             negative_prompt=args.negative_prompt, lora_scale=args.lora_scale)
+                             negative_prompt=args.negative_prompt, lora_scale=opts.lora_scale)
     out = images[0] if len(images) == 1 else labelled_grid([(args.prompt, images)], cell=(width, height))
     buf = io.BytesIO()
     out.save(buf, format="PNG")
     write_bytes(args.out, buf.getvalue())
-    print(json.dumps({"out": args.out, "seeds": seeds, "tokens": info["tokens"], "scheduler": sampler_name(pipe.scheduler),
+    print(to_json({"out": args.out, "seeds": seeds, "tokens": info["tokens"], "scheduler": sampler_name(pipe.scheduler),
                       "steps": steps, "guidance_scale": guidance, "height": height, "width": width,
-                      "negative_prompt": args.negative_prompt, "lora_scale": args.lora_scale}))
+                      "negative_prompt": args.negative_prompt, "lora_scale": opts.lora_scale}))
     return 0
 
 
@@ -239,20 +236,32 @@ def cmd_export_base(args) -> int:
     with tempfile.TemporaryDirectory(prefix="export-base-") as tmp:
         load_models(args.preset).save_pretrained(tmp)
         publish_dir(Path(tmp), args.out, marker)
-    print(json.dumps({"out": args.out, "preset": args.preset,
+    print(to_json({"out": args.out, "preset": args.preset,
                       "load": f"StableDiffusionPipeline.from_pretrained({args.out!r})"}))
     return 0
 
 
 def run(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> int:
-    args = finish_parser(parser).parse_args(argv)
+    finish_parser(parser)
+    argv = sys.argv[1:] if argv is None else argv
+    problem = unknown_flags(parser, argv)
+    if problem:  # argparse would print the top-level usage and no hint
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
+    args = parser.parse_args(argv)
     setup_logging(args)
     log.debug("breakscene %s: %s", package_version(), args.command)
     try:
-        return args.func(args)
+        with stop_on_signals():
+            return args.func(args)
     except BreakSceneError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return getattr(exc, "exit_status", 2)
+    except (Stopped, KeyboardInterrupt) as exc:
+        stopped = as_stopped(exc)
+        print(f"error: {stopped}: breakscene {args.command} did not finish; nothing half-written is left "
+              f"(exit status {stopped.exit_status})", file=sys.stderr, flush=True)
+        return stopped.exit_status
 
 
 def build_parser() -> argparse.ArgumentParser:

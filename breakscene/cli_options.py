@@ -7,8 +7,14 @@ alike), so a command added later gets the same options and help without extra co
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib.metadata
 import logging
+import re
+
+from pydantic import BaseModel, ValidationError
+
+from .errors import BreakSceneError
 
 LEVELS = ("debug", "info", "warning", "error")
 # the project's own loggers; third-party libraries stay at WARNING unless asked
@@ -95,3 +101,53 @@ def show_defaults(parser: argparse.ArgumentParser, defaults: dict) -> None:
         value = defaults.get(action.dest)
         if action.default is None and value is not None:
             action.help = f"{action.help + ' ' if action.help else ''}(default: {value})"
+
+
+def validate_flags(model: type[BaseModel], values: dict):
+    """``model`` validated from command-line values, or one BreakSceneError naming each bad
+    flag with its value (``--guidance-scale nan: input should be a finite number``)."""
+    try:
+        return model.model_validate(values)
+    except ValidationError as exc:
+        raise BreakSceneError("; ".join(flag_problem(e) for e in exc.errors())) from None
+
+
+def flag_problem(error: dict) -> str:
+    message = error["msg"].removeprefix("Value error, ")
+    if not error["loc"]:  # a check across flags names them itself
+        return message
+    flag = "--" + str(error["loc"][0]).replace("_", "-")
+    if error["type"] == "value_error":  # the project's own messages read on from the value
+        return f"{flag} {error['input']} {message}"
+    return f"{flag} {error['input']}: {message[:1].lower() + message[1:]}"
+
+
+# a long option as typed: "--phase1_steps" or "--phase1-steps=3"
+LONG_FLAG = re.compile(r"--[A-Za-z0-9][\w-]*")
+
+
+def unknown_flags(parser: argparse.ArgumentParser, argv: list[str]) -> str | None:
+    """Long options in ``argv`` that the chosen command does not have, each with the option it
+    most likely meant (``--phase1_steps``, the diffusers / authors' spelling, is
+    ``--phase1-steps``), or None. argparse itself would answer with the top-level usage."""
+    commands = {}
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            commands.update(action.choices)
+    command = next((a for a in argv if a in commands), None)
+    known = set(parser._option_string_actions) | set(commands[command]._option_string_actions if command else ())
+    problems = []
+    for token in argv[: argv.index("--")] if "--" in argv else argv:
+        flag = token.split("=", 1)[0]
+        if not LONG_FLAG.fullmatch(flag) or flag in known or _abbreviates(flag, known):
+            continue
+        guess = difflib.get_close_matches(flag.replace("_", "-").lower(), sorted(known), n=1, cutoff=0.6)
+        where = f"breakscene {command}" if command else "breakscene"
+        problems.append(f"{flag} is not an option of {where}: "
+                        + (f"did you mean {guess[0]}?" if guess else f"see {where} --help"))
+    return "; ".join(problems) or None
+
+
+def _abbreviates(flag: str, known: set[str]) -> bool:
+    """argparse accepts a unique prefix of a long option (``--phase1-step``)."""
+    return sum(k.startswith(flag) for k in known if k.startswith("--")) == 1

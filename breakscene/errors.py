@@ -1,7 +1,9 @@
 """Errors the user can fix: each names the file or value that is wrong.
 
-Commands turn these into one line on stderr and exit status 2.
+Commands turn these into one line on stderr and exit status 2 (or the error's own
+``exit_status``).
 """
+import errno
 
 
 class BreakSceneError(Exception):
@@ -32,3 +34,26 @@ class OutputError(BreakSceneError):
 
 class DeviceError(BreakSceneError):
     """A device name that is not one, or a device this machine does not have."""
+
+
+class OutputWriteError(BreakSceneError):
+    """The output stopped taking writes in the middle of work (a full disk, a read-only
+    remount, lost permissions): not one row's fault, so the run stops cleanly."""
+
+    exit_status = 4
+
+
+# errno values that mean the output, not the row, is at fault
+OUTPUT_FAULT_ERRNOS = frozenset({errno.ENOSPC, errno.EROFS, errno.EDQUOT})
+
+
+def output_fault(exc: BaseException | None) -> BaseException | None:
+    """The OutputWriteError, or the OSError of a full or read-only disk, somewhere in
+    ``exc``'s chain (causes, contexts, and the ``cause`` a Ray task error carries); else None."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OutputWriteError) or (isinstance(exc, OSError) and exc.errno in OUTPUT_FAULT_ERRNOS):
+            return exc
+        exc = getattr(exc, "cause", None) or exc.__cause__ or exc.__context__
+    return None

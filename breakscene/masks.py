@@ -5,6 +5,9 @@ No file I/O here; see ``scene.py`` for reading files.
 """
 from __future__ import annotations
 
+from itertools import combinations
+from typing import NamedTuple
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -15,6 +18,13 @@ from pycocotools import mask as coco_mask
 # edges are fine, a photograph given as a mask is not.
 MID_LOW, MID_HIGH = 32, 223
 MAX_MID_FRACTION = 0.10
+
+
+# Two concept masks whose tokens fight over one region (the attention loss asks each token
+# to cover its own mask and nothing else): nearly the same pixels, or one nearly all inside
+# the other. Masks drawn by hand share a few edge pixels; these thresholds leave that alone.
+SAME_REGION_IOU = 0.9
+CONTAINED_SHARE = 0.9
 
 
 # Single-plane modes of more than 8 bits and their largest value ("I" is how 16-bit PNG
@@ -134,3 +144,26 @@ def iou_matrix(rows: list, cols: list) -> np.ndarray:
     if len(sizes) > 1:  # pycocotools would compare them anyway, wrongly
         raise ValueError(f"masks of different sizes: {sorted(sizes)}")
     return np.asarray(coco_mask.iou(a, b, [0] * len(b)), dtype=np.float64).reshape(len(a), len(b))
+
+
+class Overlap(NamedTuple):
+    smaller: int  # index of the mask with fewer pixels
+    larger: int
+    iou: float
+    contained: float  # share of the smaller mask's pixels inside the larger
+
+
+def overlapping_pairs(masks: list) -> list[Overlap]:
+    """The pairs of masks that are nearly one region (IoU >= ``SAME_REGION_IOU``) or one
+    inside the other (>= ``CONTAINED_SHARE`` of the smaller inside the larger), from the
+    IoU matrix: the intersection is IoU x (|A| + |B|) / (1 + IoU)."""
+    areas = [float(np.count_nonzero(m)) for m in masks]
+    ious = iou_matrix(list(masks), list(masks))
+    found = []
+    for i, j in combinations(range(len(masks)), 2):
+        small, large = (i, j) if areas[i] <= areas[j] else (j, i)
+        iou = float(ious[i, j])
+        contained = iou * (areas[i] + areas[j]) / (1 + iou) / areas[small] if areas[small] else 0.0
+        if iou >= SAME_REGION_IOU or contained >= CONTAINED_SHARE:
+            found.append(Overlap(small, large, iou, min(1.0, round(contained, 6))))
+    return found

@@ -144,6 +144,8 @@ def predict_step_memory(models, cfg: ExtractConfig, resolution: int, phase: str,
     unet.train()
     text_encoder.train()
     batch = step_batch(models, cfg, resolution, cast or torch.float32)
-    activations = saved_activation_bytes(unet, text_encoder, models.scheduler, cfg, batch)
+    # a twin scheduler: add_noise moves its tables to the batch's device, here ``meta``
+    scheduler = type(models.scheduler).from_config(models.scheduler.config)
+    activations = saved_activation_bytes(unet, text_encoder, scheduler, cfg, batch)
     return MemoryEstimate(weights=resident, gradients=trainable_bytes, optimizer=2 * trainable_bytes,
                           weight_casts=casts, activations=activations)

@@ -3,11 +3,10 @@ to load the bundle with plain diffusers, rendered by huggingface_hub's ``ModelCa
 hub's own format: YAML metadata, then Markdown)."""
 from __future__ import annotations
 
-import json
-
 from huggingface_hub import ModelCard, ModelCardData
 
 from .config import ExtractConfig
+from .strictjson import to_json
 
 # (label, dotted ExtractConfig field) shown in the card beside the published value
 SETTINGS = (
@@ -131,5 +130,5 @@ def render(info: dict, *, bundle_path: str, base: str, base_comment: str) -> str
         steps=sampler["num_inference_steps"],
         guidance=sampler["guidance_scale"], height=sampler["height"], width=sampler["width"],
         grid_prompts=sampler["prompts"], grid_seeds_unique=sorted(set(sampler["seeds"])), settings=settings,
-        py={k: json.dumps(v, ensure_ascii=False) for k, v in py.items()})
+        py={k: to_json(v, ensure_ascii=False) for k, v in py.items()})
     return str(card)

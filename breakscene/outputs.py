@@ -15,6 +15,18 @@ def _local(uri: str) -> Path:
     return Path(filesystem(uri)[1]).expanduser().resolve()
 
 
+def check_plain_prefix(uri: str, *, what: str = "--out") -> None:
+    """Refuse a remote URI with a '.', '..' or empty segment: an object store keeps such a
+    key literally while other clients (delta-rs) normalise it, so one output would be split
+    in two places. A local path is resolved once by the operating system and stays allowed."""
+    if not is_remote(uri):
+        return
+    segments = uri.split("://", 1)[1].rstrip("/").split("/")
+    if any(segment in ("", ".", "..") for segment in segments):
+        raise OutputError(f"{what} {uri} has a '.', '..' or empty path segment: object stores keep it literally "
+                          "while other clients normalise it; write the prefix without it")
+
+
 def check_not_an_input(out: str, inputs: list[str], *, what: str = "--out") -> None:
     """Refuse an output equal to, inside, or holding one of the (local) inputs."""
     if is_remote(out):
@@ -64,6 +76,7 @@ def check_writable(uri: str, *, what: str = "--out", inside: bool = False) -> No
 def check_output_file(uri: str, *, replace: bool = False, what: str = "--out") -> None:
     """Refuse to replace an existing file unless asked (``replace``), and a folder always:
     a file the user already has is theirs, not ours."""
+    check_plain_prefix(uri, what=what)
     if not is_remote(uri) and _local(uri).is_dir():
         raise OutputError(f"{what} {uri} is a folder; name the file to write")
     if exists(uri) and not replace:
@@ -75,6 +88,7 @@ def check_output_dir(uri: str, *, marker: str, inputs: list[str] = (), replace: 
     """All checks for a folder that will be written whole (a bundle): not an input, not a
     file, not a folder of someone else's files, not an existing result unless ``replace``,
     and writable."""
+    check_plain_prefix(uri, what=what)
     check_not_an_input(uri, list(inputs), what=what)
     try:
         state = folder_state(uri, marker)

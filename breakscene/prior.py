@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 
 import torch
@@ -15,13 +14,14 @@ from .errors import BreakSceneError
 from .generate import fused_attention, generate_images, make_pipeline
 from .models import DiffusionModels, cache_root
 from .storage import atomic_local_dir
+from .strictjson import to_json
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp"}
 GENERATION_SEED = 0
 
 
 def cache_key(model_id: str, revision: str | None, prompt: str, resolution: int, num: int, steps: int) -> str:
-    payload = json.dumps([model_id, revision, prompt, resolution, num, steps, GENERATION_SEED])
+    payload = to_json([model_id, revision, prompt, resolution, num, steps, GENERATION_SEED])
     return hashlib.sha256(payload.encode()).hexdigest()[:20]
 
 
@@ -56,7 +56,7 @@ def class_images(models: DiffusionModels, cfg: PriorConfig, resolution: int, pro
                 (img,) = generate_images(pipe, cfg.class_prompt, [GENERATION_SEED + i], cfg.generation_steps,
                                          7.5, resolution)
                 img.save(tmp / f"{i:04d}.png")
-            (tmp / "images.json").write_text(json.dumps({"model": models.model_id, "prompt": cfg.class_prompt,
+            (tmp / "images.json").write_text(to_json({"model": models.model_id, "prompt": cfg.class_prompt,
                                                          "count": cfg.num_class_images}))
     return load_folder(folder, cfg.num_class_images, resolution)
 

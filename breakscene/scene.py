@@ -31,6 +31,14 @@ EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
 # Decompression bombs: images above this many pixels are refused before decoding (PIL's
 # default); BREAKSCENE_MAX_IMAGE_PIXELS overrides it (0: no limit).
 DEFAULT_MAX_IMAGE_PIXELS = 89_478_485
+# Images with a side under this are refused: cropped and upscaled to the training
+# resolution they hold no detail to learn, and a concept there spans at most two cells of
+# the VAE's latent grid (a factor of 8).
+MIN_IMAGE_SIDE = 16
+# Formats whose later frames are no news: an MPO's first frame is the photo, the rest a
+# phone's preview or depth picture.
+FIRST_FRAME_IS_THE_PICTURE = frozenset({"MPO"})
+FRAMES_KEY = "breakscene.frames"  # the frame count, carried in the decoded image's info
 
 
 @dataclass
@@ -80,7 +88,11 @@ def open_image(data: bytes, name: str, what: str = "image") -> Image.Image:
                 raise SceneError(f"{what} {name} has unsupported format {img.format} "
                                  f"(supported: {', '.join(sorted(SUPPORTED_FORMATS))})")
             img.load()
-            return ImageOps.exif_transpose(img)
+            frames = getattr(img, "n_frames", 1) if img.format not in FIRST_FRAME_IS_THE_PICTURE else 1
+            img = ImageOps.exif_transpose(img)  # a copy: the frame count travels in its info
+            if frames > 1:
+                img.info[FRAMES_KEY] = frames
+            return img
     except Image.DecompressionBombError as exc:
         found = re.search(r"\((\d+) pixels\)", str(exc))
         raise SceneError(f"{what} {name} has {found.group(1) if found else 'too many'} pixels, over the limit "
@@ -95,7 +107,7 @@ def open_image(data: bytes, name: str, what: str = "image") -> Image.Image:
 def to_rgb(img: Image.Image, name: str, warnings: list[str] | None = None) -> Image.Image:
     """RGB of any mode: 16-bit and float planes scaled by their range (not clipped to white),
     CMYK and other colour profiles converted to sRGB, alpha dropped with a warning."""
-    notes: list[str] = []
+    notes = frame_notes(img, name, "image")
     unit = M.unit_plane(img)
     if unit is not None:
         img = Image.fromarray(np.round(unit * 255).astype(np.uint8), "L")
@@ -119,9 +131,21 @@ def to_rgb(img: Image.Image, name: str, warnings: list[str] | None = None) -> Im
     return img.convert("RGB")
 
 
+def frame_notes(img: Image.Image, name: str, what: str) -> list[str]:
+    """The warning for a file of several frames (multi-page TIFF, animated WebP / PNG), of
+    which only the first is read."""
+    frames = img.info.get(FRAMES_KEY, 1)
+    return [f"{what} {name} has {frames} frames: the first is used"] if frames > 1 else []
+
+
 def decode_image(data: bytes, name: str, warnings: list[str] | None = None) -> Image.Image:
-    """An encoded image as the RGB picture people see (see ``open_image`` and ``to_rgb``)."""
-    return to_rgb(open_image(data, name, "image"), name, warnings)
+    """An encoded image as the RGB picture people see (see ``open_image`` and ``to_rgb``);
+    refused under ``MIN_IMAGE_SIDE`` pixels on a side."""
+    img = open_image(data, name, "image")
+    if min(img.size) < MIN_IMAGE_SIDE:
+        raise SceneError(f"image {name} is {img.width}x{img.height} pixels: smaller than {MIN_IMAGE_SIDE} px on a "
+                         "side, too small to learn a concept from")
+    return to_rgb(img, name, warnings)
 
 
 def _read(uri: str, what: str) -> bytes:
@@ -139,6 +163,9 @@ def _read(uri: str, what: str) -> bytes:
 
 def mask_from_image(img: Image.Image, name: str, size: tuple[int, int], warnings: list[str]) -> np.ndarray:
     """Boolean mask of ``size`` (w, h) from a mask image; checks it binarises and is non-empty."""
+    for note in frame_notes(img, name, "mask"):
+        log.warning(note)
+        warnings.append(note)
     plane = M.mask_plane(img)
     frac = M.mid_fraction(plane)
     if frac > M.MAX_MID_FRACTION:
@@ -171,8 +198,26 @@ def build_scene(image_bytes: bytes, image_name: str, masks: list[tuple[str, Imag
     for name, m in masks:
         img = Image.fromarray(m.astype(np.uint8) * 255) if isinstance(m, np.ndarray) else m
         arrays.append(mask_from_image(img, name, image.size, warnings))
+    warnings.extend(overlap_warnings(arrays, [n for n, _ in masks]))
     return Scene(image=image, masks=np.stack(arrays), image_hash=hashlib.sha256(image_bytes).hexdigest(),
                  image_name=image_name, mask_names=[n for n, _ in masks], warnings=warnings)
+
+
+def overlap_warnings(masks: list[np.ndarray], names: list[str]) -> list[str]:
+    """A warning for each pair of concept masks whose tokens would compete for one region
+    (``masks.overlapping_pairs``), naming them."""
+    notes = []
+    for o in M.overlapping_pairs(masks):
+        first, second = sorted((o.smaller, o.larger))
+        if o.iou >= M.SAME_REGION_IOU:
+            what = f"masks {names[first]} and {names[second]} are nearly the same region (IoU {o.iou:.2f})"
+        else:
+            what = (f"mask {names[o.smaller]} lies inside mask {names[o.larger]} "
+                    f"({o.contained:.0%} of its pixels; IoU {o.iou:.2f})")
+        notes.append(f"{what}: their tokens will compete for it; give each concept its own region")
+    for note in notes:
+        log.warning(note)
+    return notes
 
 
 def load_mask_image(uri: str) -> Image.Image:

@@ -12,12 +12,19 @@ Every remote call has connect and read timeouts and a bounded retry with backoff
 (``DEFAULT_TIMEOUT_S`` / ``DEFAULT_RETRIES``; ``BREAKSCENE_IO_TIMEOUT_S`` /
 ``BREAKSCENE_IO_RETRIES`` in the environment, or ``configure(timeout_s=, retries=)``
 from a job file). A remote failure is a ``StorageError`` naming the URI and what happened.
+
+S3's endpoint, region and credentials are resolved in one place (``s3_settings``: the job's
+options, then the AWS environment, profile and instance credentials, as botocore finds them)
+and handed to every client: s3fs here, delta-rs through ``pipeline.tables.delta_options``.
+A folder committed locally gets the process's normal modes (0777 / 0666 less the umask).
 """
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import shutil
+import stat
 import time
 import uuid
 from pathlib import Path
@@ -32,6 +39,7 @@ DEFAULT_TIMEOUT_S = 30.0  # per request: connecting, and each wait for data
 DEFAULT_RETRIES = 2  # attempts after the first, for timeouts, refused connections and 5xx
 BACKOFF_S = 0.5  # waits 0.5 s, 1 s, 2 s, ... between attempts
 PARTIAL = ".breakscene-partial"  # written first into a remote folder being uploaded, removed last
+S3_PROTOCOLS = ("s3", "s3a")
 _IO: dict = {"timeout_s": None, "retries": None}
 
 
@@ -85,14 +93,80 @@ def _merge(base: dict, over: dict) -> dict:
     return out
 
 
+@functools.lru_cache(maxsize=16)
+def _cached_session(profile: str | None, environment: tuple):
+    """botocore's session for a profile and an AWS environment (``environment`` only keys
+    the cache): it reads the config and credentials files once, and refreshes expiring
+    credentials (instance, container, SSO) itself."""
+    import botocore.session
+
+    return botocore.session.Session(profile=profile)
+
+
+def _aws_session(profile: str | None):
+    return _cached_session(profile, tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith("AWS_"))))
+
+
+def s3_settings(*, credentials: bool = False) -> dict:
+    """The S3 endpoint, region (and with ``credentials``, keys) of this process, found once
+    for every client (s3fs, delta-rs, the lease): the job's storage options first, then
+    where the AWS SDKs look (AWS_ENDPOINT_URL_S3, AWS_ENDPOINT_URL, AWS_REGION,
+    AWS_DEFAULT_REGION, AWS_PROFILE and its files, instance or container credentials)."""
+    from botocore.configprovider import ConfiguredEndpointProvider
+    from botocore.exceptions import ProfileNotFound
+
+    conf = fsspec.config.conf.get("s3", {})
+    client = conf.get("client_kwargs") or {}
+    session = _aws_session(conf.get("profile"))
+    try:
+        configured = ConfiguredEndpointProvider(full_config=session.full_config,
+                                                scoped_config=session.get_scoped_config(), client_name="s3")
+    except ProfileNotFound as exc:  # a typo in AWS_PROFILE or the job's "profile"
+        raise StorageError(f"S3 settings cannot be read: {exc}") from None
+    found = {"endpoint_url": client.get("endpoint_url") or conf.get("endpoint_url") or configured.provide(),
+             "region": (client.get("region_name") or os.environ.get("AWS_REGION")
+                        or session.get_config_variable("region")),
+             "anon": bool(conf.get("anon"))}
+    if credentials and not found["anon"]:
+        found.update(s3_credentials(conf, client, session))
+    return found
+
+
+def s3_credentials(conf: dict, client: dict, session) -> dict:
+    """Keys named in the job's options, else the ones botocore finds now (current even
+    when they rotate: instance and container credentials are refreshed by botocore)."""
+    if conf.get("key") or client.get("aws_access_key_id"):
+        return {"key": conf.get("key") or client.get("aws_access_key_id"),
+                "secret": conf.get("secret") or client.get("aws_secret_access_key"),
+                "token": conf.get("token") or client.get("aws_session_token")}
+    found = session.get_credentials()
+    if found is None:
+        return {}
+    frozen = found.get_frozen_credentials()
+    return {"key": frozen.access_key, "secret": frozen.secret_key, "token": frozen.token}
+
+
+def s3fs_defaults() -> dict:
+    """The endpoint and region of ``s3_settings`` as s3fs options: botocore would find the
+    endpoint itself, but not AWS_REGION, which delta-rs reads; given here, both agree."""
+    found = s3_settings()
+    client = {k: found[ours] for k, ours in (("endpoint_url", "endpoint_url"), ("region_name", "region"))
+              if found[ours]}
+    return {"client_kwargs": client} if client else {}
+
+
 def filesystem(uri: str):
     """(fs, path) for a URI or local path, with this process's timeouts for remote protocols
-    (options given to ``configure`` win over the defaults, key by key)."""
+    (options given to ``configure`` win over the defaults, key by key) and, for S3, the
+    endpoint and region every other client uses (``s3_settings``)."""
     protocol = fsspec.core.split_protocol(uri)[0] or "file"
     if "::" in uri or protocol in ("file", "local", "memory"):
         return fsspec.core.url_to_fs(uri)
     timeout, retries = io_settings()
-    options = _merge(protocol_options(protocol, timeout, retries), fsspec.config.conf.get(protocol, {}))
+    options = protocol_options(protocol, timeout, retries)
+    if protocol in S3_PROTOCOLS:
+        options = _merge(options, s3fs_defaults())
+    options = _merge(options, fsspec.config.conf.get("s3" if protocol in S3_PROTOCOLS else protocol, {}))
     return fsspec.core.url_to_fs(uri, **options)
 
 
@@ -207,18 +281,36 @@ def refuse_foreign(uri: str, state: str, marker: str) -> None:
                           "replace it; choose a new or empty folder")
 
 
+def give_normal_modes(root: Path, folder_mode: int) -> None:
+    """Set every folder under ``root`` to ``folder_mode`` (what mkdir makes here: 0777 less
+    the umask) and every file to the same less the execute bits unless it had them:
+    temporary folders are 0700 and some writers (safetensors) make 0600 files, which
+    would hide a shared output from its other readers."""
+    file_mode = folder_mode & 0o666
+    for path in [root, *root.rglob("*")]:
+        if path.is_symlink():
+            continue
+        if path.is_dir():
+            os.chmod(path, folder_mode)
+        else:
+            os.chmod(path, folder_mode & 0o777 if path.stat().st_mode & 0o111 else file_mode)
+
+
 @contextlib.contextmanager
 def atomic_local_dir(target: Path, *, marker: str | None = None) -> Iterator[Path]:
-    """Yield a temporary sibling folder; on success it replaces ``target`` in one rename.
-    An existing ``target`` is replaced only when it is empty or holds ``marker`` (what this
-    project wrote): anything else there is the user's and is never deleted."""
+    """Yield a temporary sibling folder; on success it replaces ``target`` in one rename,
+    with the process's normal modes (``give_normal_modes``). An existing ``target`` is
+    replaced only when it is empty or holds ``marker`` (what this project wrote): anything
+    else there is the user's and is never deleted."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")
     refuse_foreign(str(target), folder_state(str(target), marker or PARTIAL), marker or "marker file")
     tmp.mkdir()
+    folder_mode = stat.S_IMODE(tmp.stat().st_mode)  # the umask, read without changing it (os.umask would)
     try:
         yield tmp
+        give_normal_modes(tmp, folder_mode)
         state = folder_state(str(target), marker or PARTIAL)
         refuse_foreign(str(target), state, marker or "marker file")  # it may have changed meanwhile
         if state == "ours":

@@ -2,7 +2,9 @@
 
 ``training_step`` is a function of (models, batch) where the batch already holds every
 random draw (subsets, flips, noise, timesteps), so tests can feed fixed inputs and
-compare with hand-computed numbers. ``run_phase`` owns the optimiser and the loop.
+compare with hand-computed numbers. ``run_phase`` owns the optimiser and the loop: the
+losses stay on the device and are read back every ``readback_every`` steps, where a
+non-finite one stops the phase (``NonFiniteLossError``).
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from tqdm.auto import tqdm
 
 from .attention import AttentionStore, token_maps
 from .config import ExtractConfig
+from .errors import BreakSceneError
 from .losses import attention_loss, masked_mse
 
 if TYPE_CHECKING:
@@ -49,10 +52,23 @@ class LossTerms:
     prior: torch.Tensor
 
     def detached(self) -> torch.Tensor:
-        return torch.stack([self.total, self.diffusion, self.attention, self.prior]).detach().float()
+        return torch.stack([t.detach() for t in (self.total, self.diffusion, self.attention, self.prior)]).float()
 
 
 LOSS_NAMES = ("total", "diffusion", "attention", "prior")
+READBACK_EVERY = 50  # steps between host reads of the losses: the finite check and the progress bar
+OPTIMIZERS = ("auto", "fused", "foreach", "for-loop", "torch")
+
+
+class NonFiniteLossError(BreakSceneError):
+    """A training loss became inf or nan: the weights are not worth keeping. Names the
+    phase, the first step and the loss term that went wrong."""
+
+    def __init__(self, phase: str, step: int, term: str, values: dict[str, float]) -> None:
+        self.phase, self.step, self.term, self.values = phase, step, term, values
+        shown = ", ".join(f"{k} {v:.6g}" for k, v in values.items())
+        super().__init__(f"{phase}: the {term} loss is not finite at step {step} ({shown}); "
+                         "lower the learning rates or the loss weights")
 
 
 def diffusion_target(scheduler, latents, noise, timesteps) -> torch.Tensor:
@@ -127,21 +143,52 @@ class PhaseResult:
         return out
 
 
-def run_phase(name: str, steps: int, setup: PhaseSetup, step_fn: Callable[[], LossTerms], *, cfg: ExtractConfig,
-              device: torch.device, progress: bool = True, fused: bool | None = None) -> PhaseResult:
-    """Run ``steps`` optimiser steps over ``setup``'s parameter groups (``phases.phase_setup``),
-    calling its ``after_step`` after each. Loss values stay on the device until the end: no
-    host synchronisation inside the loop except the progress bar's occasional refresh.
+def make_optimizer(setup: PhaseSetup, cfg: ExtractConfig, device: torch.device, kind: str = "auto") -> torch.optim.AdamW:
+    """AdamW over ``setup``'s parameter groups. ``kind``: "auto" is one fused kernel on CUDA
+    and the multi-tensor ("foreach") form elsewhere, which on the CPU is bit for bit torch's
+    default one-tensor-at-a-time loop, a third faster; "fused", "foreach", "for-loop" as
+    named; "torch" is torch's own default (what a training script gets)."""
+    if kind not in OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, not {kind!r}")
+    if kind == "auto":
+        kind = "fused" if device.type == "cuda" else "foreach"
+    impl = {"fused": {"fused": True}, "foreach": {"foreach": True}, "for-loop": {"foreach": False}, "torch": {}}[kind]
+    groups = [dict(g) for g in setup.groups]  # AdamW writes its settings into each group it is given
+    return torch.optim.AdamW(groups, betas=cfg.optimizer.betas, weight_decay=cfg.optimizer.weight_decay,
+                             eps=cfg.optimizer.eps, **impl)
 
-    ``fused``: one fused AdamW kernel for all parameters (default: on CUDA)."""
+
+def check_finite(phase: str, losses: torch.Tensor, first_step: int) -> None:
+    """Raise NonFiniteLossError at the first row of ``losses`` (host rows of LOSS_NAMES,
+    the first being step ``first_step``, counted from 1) that holds inf or nan."""
+    bad = ~torch.isfinite(losses)
+    if not bool(bad.any()):
+        return
+    row = int(bad.any(dim=1).nonzero()[0])
+    # a part names the cause better than the total it makes non-finite
+    term = next(LOSS_NAMES[i] for i in (1, 2, 3, 0) if bad[row, i])
+    values = {name: float(losses[row, i]) for i, name in enumerate(LOSS_NAMES)}
+    raise NonFiniteLossError(phase, first_step + row, term, values)
+
+
+def run_phase(name: str, steps: int, setup: PhaseSetup, step_fn: Callable[[], LossTerms], *, cfg: ExtractConfig,
+              device: torch.device, progress: bool = True, optimizer: str = "auto",
+              readback_every: int = READBACK_EVERY) -> PhaseResult:
+    """Run ``steps`` optimiser steps over ``setup``'s parameter groups (``phases.phase_setup``),
+    calling its ``after_step`` after each. Loss values stay on the device: the host reads
+    them every ``readback_every`` steps and at the end (one synchronisation each), checks
+    they are finite (else NonFiniteLossError) and shows the latest on the progress bar.
+
+    ``optimizer``: an OPTIMIZERS name (``make_optimizer``)."""
     trainable = [p for p in setup.trainable if p.requires_grad]
     after_step = setup.after_step
-    opt = torch.optim.AdamW(setup.groups, betas=cfg.optimizer.betas, weight_decay=cfg.optimizer.weight_decay,
-                            eps=cfg.optimizer.eps, fused=device.type == "cuda" if fused is None else fused)
+    opt = make_optimizer(setup, cfg, device, optimizer)
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and cfg.mixed_precision == "fp16")
     history = torch.zeros(steps, len(LOSS_NAMES), device=device)
+    readback_every = max(1, readback_every)
     start = time.perf_counter()
     bar = tqdm(range(steps), desc=name, disable=not progress or steps == 0, leave=False)
+    read = 0  # rows of history already read back
     for step in bar:
         with autocast_context(device, cfg.mixed_precision):
             terms = step_fn()
@@ -153,8 +200,12 @@ def run_phase(name: str, steps: int, setup: PhaseSetup, step_fn: Callable[[], Lo
         opt.zero_grad(set_to_none=True)
         after_step()
         history[step] = terms.detached()
-        if progress and (step % 25 == 0 or step == steps - 1):
-            bar.set_postfix(loss=f"{float(history[step, 0]):.4f}")
+        if step + 1 - read == readback_every or step == steps - 1:
+            rows = history[read:step + 1].cpu()  # the loop's only host synchronisation
+            check_finite(name, rows, read + 1)
+            read = step + 1
+            if progress:
+                bar.set_postfix(loss=f"{float(rows[-1, 0]):.4f}")
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return PhaseResult(name=name, steps=steps, seconds=time.perf_counter() - start, losses=history)

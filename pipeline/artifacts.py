@@ -6,15 +6,20 @@ from __future__ import annotations
 
 import io
 import json
+from typing import Callable, TypeVar
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from breakscene.storage import filesystem, write_bytes
+from breakscene.errors import OutputWriteError
+from breakscene.storage import describe_error, filesystem, write_bytes
+from breakscene.strictjson import to_json
+
+T = TypeVar("T")
 
 
 def write_json(uri: str, document: dict, *, indent: int | None = None) -> str:
-    write_bytes(uri, json.dumps(document, indent=indent).encode())
+    write_bytes(uri, to_json(document, indent=indent).encode())
     return uri
 
 
@@ -34,3 +39,17 @@ def write_parquet(uri: str, table: pa.Table) -> str:
     pq.write_table(table, buf)
     write_bytes(uri, buf.getvalue())
     return uri
+
+
+def write_output(uri: str, call: Callable[[], T]) -> T:
+    """Run ``call``, a write of ``uri`` into the output. Its failure is the output's, not the
+    row's (a full disk, a read-only remount, lost credentials): every later row would fail
+    the same way, so it becomes an ``OutputWriteError`` that stops the run cleanly."""
+    try:
+        return call()
+    except OutputWriteError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - classified: any failure to write the output
+        reason = f"{exc.strerror} ({exc.filename or uri})" if isinstance(exc, OSError) and exc.strerror else \
+            describe_error(exc)[0]
+        raise OutputWriteError(f"output {uri} cannot be written: {reason}") from exc

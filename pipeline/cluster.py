@@ -4,6 +4,9 @@ the robustness study): join the given address, or the cluster of ``ray job submi
 from __future__ import annotations
 
 import os
+import signal
+
+from breakscene import interrupts
 
 from .config import ResourcesConfig
 
@@ -14,14 +17,21 @@ def init_ray(resources: ResourcesConfig, address: str | None = None):
 
     if ray.is_initialized():
         return ray
-    if address:
-        ray.init(address=address, log_to_driver=True)
-    elif os.environ.get("RAY_ADDRESS"):  # inside `ray job submit`: init() joins that cluster
-        ray.init()
-    else:
-        # "local": a new embedded cluster even when another one runs on this machine.
-        ray.init(address="local", num_cpus=resources.num_cpus, num_gpus=resources.num_gpus,
-                 include_dashboard=False)
+    try:
+        if address:
+            ray.init(address=address, log_to_driver=True)
+        elif os.environ.get("RAY_ADDRESS"):  # inside `ray job submit`: init() joins that cluster
+            ray.init()
+        else:
+            # "local": a new embedded cluster even when another one runs on this machine.
+            ray.init(address="local", num_cpus=resources.num_cpus, num_gpus=resources.num_gpus,
+                     include_dashboard=False)
+    except SystemExit as exc:
+        # ray.init's own SIGTERM handler is sys.exit(SIGTERM): a stop during start-up
+        if exc.code == signal.SIGTERM:
+            raise interrupts.Stopped(signal.SIGTERM) from None
+        raise
+    interrupts.install()  # Ctrl-C and SIGTERM end the run cleanly, over Ray's own handler
     return ray
 
 

@@ -1,19 +1,22 @@
 """Pipeline commands (run, submit) registered on the ``breakscene`` parser."""
 from __future__ import annotations
 
-import json
 import sys
+
+from breakscene.strictjson import to_json
 
 # Exit codes a scheduler (RayJob, CronJob, CI) can act on; shown in `run --help`, README.
 EXIT_TOO_MANY_FAILED = 3
 RUN_EXIT_CODES = ("exit status: 0 the run finished and its failed rows, if any, are within max_failed_fraction; "
                   "1 an unexpected error (a traceback); 2 bad input or configuration, one 'error:' line naming it, "
                   "found before any image is processed; 3 the run finished and wrote its tables and summary, but "
-                  "more than the job's max_failed_fraction (default 0) of its manifest rows failed.")
+                  "more than the job's max_failed_fraction (default 0) of its manifest rows failed; 4 the output "
+                  "stopped taking writes mid-run (full disk, read-only): nothing of the run was committed, a rerun "
+                  "resumes; 130 / 143 stopped by Ctrl-C / SIGTERM, the lease released.")
 SUBMIT_EXIT_CODES = ("exit status: 0 submitted (--no-wait) or the job succeeded; 2 bad input (job file, runtime "
                      "env, address, token, an upload over the size limit) or the job's own exit status 2; 3 the "
-                     "job's `breakscene run` exited 3 (too many failed rows); 1 the job failed or was stopped "
-                     "otherwise.")
+                     "job's `breakscene run` exited 3 (too many failed rows) or 4 (the output stopped taking writes); "
+                     "1 the job failed or was stopped otherwise.")
 
 
 def failed_share_message(counts: dict, max_failed_fraction: float) -> str | None:
@@ -30,7 +33,7 @@ def failed_share_message(counts: dict, max_failed_fraction: float) -> str | None
 def _job_args(p) -> None:
     p.add_argument("job", help="job YAML file (see jobs/)")
     p.add_argument("--manifest", help="override the job's manifest URI")
-    p.add_argument("--output", help="override the job's output URI")
+    p.add_argument("--output", "--out", dest="output", help="override the job's output URI")
     p.add_argument("--force", action="store_true", help="redo images whose outputs are complete")
 
 
@@ -71,7 +74,8 @@ def add_parsers(sub) -> None:
     submit.set_defaults(func=cmd_submit)
     report = sub.add_parser("report", help="HTML / PNG / Markdown report of a robustness study")
     report.add_argument("results", help="the study's output URI (or its measurements Parquet file)")
-    report.add_argument("--out", required=True, help="local folder for index.html, figures/ and summary.md")
+    report.add_argument("--out", "--output", dest="out", required=True,
+                        help="local folder for index.html, figures/ and summary.md")
     report.set_defaults(func=cmd_report)
 
 
@@ -91,10 +95,10 @@ def cmd_run(args) -> int:
     if job.kind == "study":
         from robustness.driver import run_study
 
-        print(json.dumps(run_study(job, address=args.address)))
+        print(to_json(run_study(job, address=args.address)))
         return 0
     summary = run_job(job, address=args.address)
-    print(json.dumps({k: summary[k] for k in ("run_id", "counts", "seconds", "images_per_hour", "tables")}))
+    print(to_json({k: summary[k] for k in ("run_id", "counts", "seconds", "images_per_hour", "tables")}))
     for err in summary["errors"]:
         print(f"  failed {err['image_id']}: {err['error']}")
     too_many = failed_share_message(summary["counts"], job.max_failed_fraction)
@@ -122,33 +126,40 @@ def cmd_report(args) -> int:
         summary = build_report(args.results, args.out)
     except FileNotFoundError as exc:
         raise BreakSceneError(str(exc)) from None
-    print(json.dumps({"out": args.out, **{k: summary[k] for k in ("rows", "ok_rows", "skipped_cells", "metrics")}}))
+    print(to_json({"out": args.out, **{k: summary[k] for k in ("rows", "ok_rows", "skipped_cells", "metrics")},
+                      "skipped_grids": len(summary["skipped_grids"])}))
     return 0
 
 
 def _holding(output: str, what: str):
-    """Hold the output's lease (no run may commit meanwhile); only on an output of ours."""
+    """Hold the output's lease (no run may commit meanwhile); only on an output of ours,
+    and only once the table writer is known to reach it (one error, not a delta-rs trace)."""
     from .lease import Lease
-    from .preflight import check_existing_output
+    from .preflight import check_existing_output, check_table_writer
 
     check_existing_output(output)
+    check_table_writer(output)
     return Lease(output, f"breakscene {what}")
 
 
 def cmd_compact(args) -> int:
     from . import records as R
     from . import tables as T
+    from .intent import roll_forward
 
     with _holding(args.output, "compact"):
+        roll_forward(args.output)  # a run killed during its commits: finished before compaction
         result = T.compact(args.output, R.TABLES, retention_hours=args.retention_hours)
-    print(json.dumps({"output": args.output, "tables": result}))
+    print(to_json({"output": args.output, "tables": result}))
     return 0
 
 
 def cmd_gc(args) -> int:
+    from .intent import roll_forward
     from .run import cleanup_partial
 
     with _holding(args.output, "gc"):
+        roll_forward(args.output)  # its staged rows are still needed: committed, not deleted
         removed = cleanup_partial(args.output)
-    print(json.dumps({"output": args.output, "removed": removed}))
+    print(to_json({"output": args.output, "removed": removed}))
     return 0

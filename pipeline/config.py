@@ -13,7 +13,11 @@ from breakscene.storage import DEFAULT_RETRIES, DEFAULT_TIMEOUT_S, configure
 
 class StorageConfig(StrictModel):
     """fsspec options per protocol, e.g. {"s3": {"client_kwargs": {"endpoint_url": ...}}},
-    and the bounds of every remote call: connect and read timeout, retries with backoff."""
+    and the bounds of every remote call: connect and read timeout, retries with backoff.
+    S3 settings left out here come from where the AWS tools look (AWS_ENDPOINT_URL_S3,
+    AWS_ENDPOINT_URL, AWS_REGION, AWS_DEFAULT_REGION, AWS_PROFILE, instance credentials);
+    s3fs, the Delta table writer (delta-rs) and the lease all get the same resolved values
+    (``breakscene.storage.s3_settings``)."""
 
     options: dict[str, dict] = Field(default_factory=dict)
     timeout_s: float = Field(DEFAULT_TIMEOUT_S, gt=0)  # per request: connecting, and each wait for data

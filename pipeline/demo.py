@@ -3,9 +3,8 @@ automatically) and generated scenes whose masks are exact by construction (given
 ``mask_uris``). Deterministic, so re-running the demo finds its earlier work done."""
 from __future__ import annotations
 
-import json
-
 from breakscene.storage import exists, join, write_bytes
+from breakscene.strictjson import to_json
 from breakscene.synthetic import generated_scene, png_bytes, scene_labels
 
 from .config import DemoInputs
@@ -36,5 +35,5 @@ def build_demo_inputs(cfg: DemoInputs, out: str) -> str:
             write_bytes(uri, png_bytes(image))
         lines.append({"image_uri": uri, "image_id": f"generated{i}", "mask_uris": mask_uris,
                       "labels": scene_labels()[: len(masks)]})
-    write_bytes(manifest, "\n".join(json.dumps(line) for line in lines).encode() + b"\n")
+    write_bytes(manifest, "\n".join(to_json(line) for line in lines).encode() + b"\n")
     return manifest

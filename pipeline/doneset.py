@@ -8,8 +8,10 @@ M / B passes over the history H (measured: 8.6 ms per 4,096-row batch at H = 100
 driver: a 64-bit hash of each id (pandas' ``hash_array``, the same in every process),
 sorted. A batch hashes its own ids and binary-searches them, O(B log H), and every
 candidate is confirmed by comparing the id itself, so a hash collision can never drop an
-image that is not done. The set travels to the workers once per stage, through Ray's
-object store (numpy and Arrow buffers, no Python object per id).
+image that is not done. Both sides turn ids into text by the manifest's one rule
+(``keys.id_texts``: a float 7.0 is "7" whether stored or looked up). The set travels to
+the workers once per stage, through Ray's object store (numpy and Arrow buffers, no
+Python object per id).
 """
 from __future__ import annotations
 
@@ -17,6 +19,8 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
+
+from .keys import id_texts
 
 HASH_CHUNK = 1 << 20  # ids hashed at a time on the driver (bounds the Python objects made)
 
@@ -41,7 +45,7 @@ class DoneSet:
             ids = pa.array(ids, pa.string())
         if isinstance(ids, pa.ChunkedArray):
             ids = ids.combine_chunks()
-        ids = pc.drop_null(ids.cast(pa.string()))
+        ids = pc.drop_null(id_texts(ids)[0])  # the manifest's rule for ids of any type
         keys = hash_ids(ids)
         order = np.argsort(keys, kind="stable")
         self.keys = keys[order]
@@ -58,7 +62,7 @@ class DoneSet:
         hit = np.zeros(n, bool)
         if not n or not len(self.keys):
             return hit
-        ids = ids.cast(pa.string())
+        ids = id_texts(ids)[0]  # what is refused as an id is never done
         keys = hash_ids(ids)
         pos = np.searchsorted(self.keys, keys)
         at = np.minimum(pos, len(self.keys) - 1)

@@ -5,31 +5,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import yaml
-
-from breakscene.config import validate_config
+from breakscene.config import read_settings_file, validate_config
 from breakscene.errors import BreakSceneError
 
 from .config import JobConfig
-
-
-def read_job_file(path: Path) -> dict:
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except OSError as exc:
-        raise BreakSceneError(f"job file {path} cannot be read: {exc}") from None
-    except yaml.YAMLError as exc:
-        raise BreakSceneError(f"job file {path} is not valid YAML: {exc}") from None
-    if not isinstance(data, dict):
-        raise BreakSceneError(f"job file {path} must be a mapping of settings")
-    return data
 
 
 def load_job(path: str | Path, overrides: dict | None = None):
     """A JobConfig, or a StudyConfig for files with ``kind: study``; ``overrides`` (None
     values ignored) replace the file's settings, a ``manifest`` URI keeping its columns."""
     path = Path(path)
-    data = read_job_file(path)
+    data = read_settings_file(path, "job file")  # bounded: size, alias expansion, depth
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
     if isinstance(overrides.get("manifest"), str) and isinstance(data.get("manifest"), dict):
         overrides["manifest"] = {**data["manifest"], "uri": overrides["manifest"]}  # keep the column mapping

@@ -9,13 +9,20 @@ naming the holder and the expiry. A crashed run stops renewing, so its lease exp
 a process of the same machine that is gone (a killed driver) is taken over at once.
 
 Taking over an expired lease is delete-then-conditional-create: two runs racing for the
-same expired lease cannot both create it. Renewal overwrites the lease (only its holder
-renews); on a store without conditional puts the create is best effort (documented).
+same expired lease cannot both create it. On a local disk every change to the lease is
+made under an exclusive ``flock`` of the output folder, so no contender sees it half
+written or takes it over between another's read and write. Renewal rewrites the lease only after
+checking that it is still ours (a stalled run taken over stops renewing); a lease file of
+another shape counts as held until ``ttl_s`` after its last change. On a store without
+conditional puts the create is best effort (documented).
 """
 from __future__ import annotations
 
+import contextlib
 import errno
+import fcntl
 import json
+import logging
 import os
 import socket
 import threading
@@ -23,7 +30,9 @@ import time
 
 from breakscene.errors import BreakSceneError
 from breakscene.storage import filesystem, is_remote, join, write_bytes
+from breakscene.strictjson import to_json
 
+log = logging.getLogger(__name__)
 LEASE = "_lease.json"
 DEFAULT_TTL_S = 600.0
 
@@ -37,16 +46,14 @@ def lease_uri(out: str) -> str:
 
 
 def _create(uri: str, data: bytes) -> bool:
-    """Create ``uri`` only if it does not exist; False if it does."""
+    """Create ``uri`` only if it does not exist; False if it does. Local files: the caller
+    holds ``_guard``; the lease is written whole under a temporary name, then renamed (a
+    full disk fails before any lease exists)."""
     fs, path = filesystem(uri)
     if not is_remote(uri):
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
+        if os.path.lexists(path):
             return False
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
+        write_bytes(uri, data)
         return True
     try:
         fs.pipe_file(path, data, mode="create")
@@ -63,15 +70,35 @@ def _create(uri: str, data: bytes) -> bool:
     return True
 
 
-def read_lease(out: str) -> dict | None:
+def read_lease(out: str, ttl_s: float = DEFAULT_TTL_S) -> dict | None:
+    """The lease's holder, host, pid and expiry; None when there is none. A lease that is
+    not one this project writes (damaged, another shape) is held until ``ttl_s`` after its
+    last change, then expired: never a crash, never taken over at once."""
     fs, path = filesystem(lease_uri(out))
     try:
         with fs.open(path, "rb") as fh:
-            return json.loads(fh.read())
+            lease = json.loads(fh.read())
     except FileNotFoundError:
         return None
     except (json.JSONDecodeError, UnicodeDecodeError):
-        return {"holder": "unreadable lease", "expires_at": 0}  # half-written by a crash: expired
+        lease = None
+    if _well_formed(lease):
+        return lease
+    return {"holder": "an unreadable lease", "host": None, "pid": None, "expires_at": _changed_at(fs, path) + ttl_s}
+
+
+def _well_formed(lease) -> bool:
+    return (isinstance(lease, dict) and isinstance(lease.get("holder"), str)
+            and isinstance(lease.get("expires_at"), (int, float)) and not isinstance(lease.get("expires_at"), bool)
+            and (lease.get("pid") is None or isinstance(lease.get("pid"), int)))
+
+
+def _changed_at(fs, path: str) -> float:
+    try:
+        modified = fs.modified(path)
+    except (FileNotFoundError, NotImplementedError, OSError):
+        return time.time()
+    return modified.timestamp() if hasattr(modified, "timestamp") else float(modified)
 
 
 def _dead_here(lease: dict) -> bool:
@@ -88,6 +115,31 @@ def _dead_here(lease: dict) -> bool:
     return False
 
 
+@contextlib.contextmanager
+def _guard(uri: str):
+    """Local outputs: every change to the lease (create, take over, renew, release) happens
+    under an exclusive ``flock`` of the output folder, so read-check-write is one step.
+    Object stores rely on the conditional create instead."""
+    if is_remote(uri):
+        yield
+        return
+    _, path = filesystem(uri)
+    folder = os.path.dirname(path) or "."
+    os.makedirs(folder, exist_ok=True)
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)  # the output folder itself: no lock file left behind
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
+def _held_message(out: str, uri: str, current: dict) -> str:
+    expires = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(current["expires_at"]))
+    return (f"output {out} is in use by run {current.get('holder')} (host {current.get('host')}, pid "
+            f"{current.get('pid')}) until {expires} ({uri}); wait for it, or delete the lease if that run is gone")
+
+
 class Lease:
     """``with Lease(out, holder):`` holds the output for the block, or raises LeaseHeld."""
 
@@ -96,57 +148,73 @@ class Lease:
         self.uri = lease_uri(out)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self.lost = False
 
     def _body(self) -> bytes:
-        return json.dumps({"holder": self.holder, "host": socket.gethostname(), "pid": os.getpid(),
+        return to_json({"holder": self.holder, "host": socket.gethostname(), "pid": os.getpid(),
                            "expires_at": time.time() + self.ttl_s}).encode()
 
     def acquire(self) -> None:
-        for _ in range(3):
-            if _create(self.uri, self._body()):
-                self._verify()
-                break
-            current = read_lease(self.out)
-            if current is None:
-                continue  # released in between
-            if current.get("expires_at", 0) > time.time() and not _dead_here(current):
-                expires = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(current["expires_at"]))
-                raise LeaseHeld(f"output {self.out} is in use by run {current.get('holder')} "
-                                f"(host {current.get('host')}, pid {current.get('pid')}) until {expires} "
-                                f"({self.uri}); wait for it, or delete the lease if that run is gone")
-            fs, path = filesystem(self.uri)  # expired: a crashed run's lease is taken over
-            try:
-                fs.rm(path)
-            except FileNotFoundError:
-                pass
-        else:
-            raise LeaseHeld(f"output {self.out}: could not take the lease {self.uri}")
+        with _guard(self.uri):
+            self._take()
         self._thread = threading.Thread(target=self._renew, name="lease-renew", daemon=True)
         self._thread.start()
 
+    def _take(self) -> None:
+        for _ in range(3):
+            if _create(self.uri, self._body()):
+                self._verify()
+                return
+            current = read_lease(self.out, self.ttl_s)
+            if current is None:
+                continue  # released in between
+            if current["expires_at"] > time.time() and not _dead_here(current):
+                raise LeaseHeld(_held_message(self.out, self.uri, current))
+            fs, path = filesystem(self.uri)  # expired: a crashed run's lease is taken over
+            with contextlib.suppress(FileNotFoundError):
+                fs.rm(path)
+        raise LeaseHeld(f"output {self.out}: could not take the lease {self.uri}")
+
     def _verify(self) -> None:
-        current = read_lease(self.out)
+        current = read_lease(self.out, self.ttl_s)
         if current is None or current.get("holder") != self.holder:
             raise LeaseHeld(f"output {self.out} was taken by run {current and current.get('holder')} at the same time")
 
     def _renew(self) -> None:
         while not self._stop.wait(self.ttl_s / 3):
             try:
-                write_bytes(self.uri, self._body())  # atomic locally: a reader never sees half a lease
+                self.renew()
+            except LeaseHeld as exc:
+                log.error("%s", exc)
+                self.lost = True
+                return
             except Exception:  # noqa: BLE001 - the next renewal retries; expiry is the safety net
                 pass
+
+    def renew(self) -> None:
+        """Push the expiry on, only while the lease is still ours (a run that stalled past
+        its expiry may have been taken over: it must not overwrite the new holder's lease)."""
+        with _guard(self.uri):
+            current = read_lease(self.out, self.ttl_s)
+            if current is None or current.get("holder") != self.holder:
+                raise LeaseHeld(f"output {self.out}: the lease was taken over by "
+                                f"{current and current.get('holder')}; this run no longer holds it")
+            write_bytes(self.uri, self._body())  # atomic: a reader never sees half a lease
 
     def release(self) -> None:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
-        current = read_lease(self.out)
-        if current is not None and current.get("holder") == self.holder:
-            fs, path = filesystem(self.uri)
-            try:
-                fs.rm(path)
-            except FileNotFoundError:
-                pass
+        try:
+            with _guard(self.uri):
+                current = read_lease(self.out, self.ttl_s)
+                if current is not None and current.get("holder") == self.holder:
+                    fs, path = filesystem(self.uri)
+                    with contextlib.suppress(FileNotFoundError):
+                        fs.rm(path)
+        except OSError as exc:  # a read-only remount: the lease expires, or is taken over at once here
+            log.info("the lease %s could not be removed (%s); it expires at its time, and a run "
+                        "on this host takes it over at once", self.uri, exc)
 
     def __enter__(self) -> "Lease":
         self.acquire()

@@ -12,12 +12,20 @@ one message before any work. Each worker then streams its shard in batches:
 - rows whose explicit id the output already holds as done are dropped, a batch at a
   time, by a lookup in the prepared done set (``pipeline/doneset.py``: O(batch x log
   history), where ``is_in`` per batch would rebuild a hash of the whole history each time);
-- a malformed row, a refused id or a repeated explicit id is rejected alone, named by its
-  file and row (``ManifestTally`` counts and keeps the first messages), and the rest go on.
+- ``image_uri`` and ``image_id`` of any other type become text by one rule
+  (``keys.id_texts``: Parquet's float 7.0 is "7", binary is UTF-8 text);
+- a malformed row (a byte that is not UTF-8, a CSV row of the wrong field count, a JSON
+  line that is no object or repeats a key), a refused id or a repeated explicit id is
+  rejected alone, named by its file and row (``ManifestTally`` counts and keeps the first
+  messages), and the rest go on; a file that repeats a column name is refused whole;
+- an id-less row repeating an earlier id-less row's ``image_uri`` is a duplicate, counted
+  and left out before any fetch.
 """
 from __future__ import annotations
 
-import io
+import base64
+import codecs
+import csv
 import json
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -30,14 +38,19 @@ import pyarrow.parquet as pq
 
 from breakscene.errors import BreakSceneError
 from breakscene.storage import filesystem
+from breakscene.strictjson import to_json
 
+from .batches import apply_storage
 from .doneset import resolve
-from .keys import id_problem
+from .keys import id_problem, id_text, id_texts
+from .row import ROW_SCHEMA, new_row
 
 COLUMNS = ("image_uri", "image_id", "mask_uris", "labels", "gt_mask_uris")
 LIST_COLUMNS = ("mask_uris", "labels", "gt_mask_uris")
 FORMATS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".ndjson": "json", ".csv": "csv"}
 BATCH_ROWS = 4096  # rows per batch a shard is streamed in
+CSV_BLOCK_BYTES = 1 << 20  # CSV bytes parsed at a time (a row may not be longer)
+CSV_NULLS = pa.array(pacsv.ConvertOptions().null_values, pa.string())  # pyarrow's own
 MAX_MESSAGES = 1000  # rejected-row messages kept for the summary (the count is always exact)
 
 
@@ -96,19 +109,27 @@ def _header(uri: str) -> tuple[list[str], bool]:
             meta = pq.ParquetFile(fh).metadata
             return meta.schema.to_arrow_schema().names, meta.num_rows > 0
         head = fh.read(1 << 16)
-    lines = [ln for ln in head.decode("utf-8", "replace").splitlines() if ln.strip()]
+    # utf-8-sig: the byte-order mark spreadsheet programs write is not part of the first name
+    lines = [ln for ln in head.decode("utf-8-sig", "replace").splitlines() if ln.strip()]
     if fmt == "csv":
         if not lines:
             return [], False
-        names = next(iter(__import__("csv").reader([lines[0]])))
+        names = next(iter(csv.reader([lines[0]])))
         return names, len(lines) > 1
     if not lines:
         return [], False
     try:
         first = json.loads(lines[0])
-    except json.JSONDecodeError:
+    except ValueError:
         return [], True  # reported per row by the worker
     return (list(first) if isinstance(first, dict) else []), True
+
+
+def repeated_column(names: list[str]) -> str | None:
+    """The first column name a header holds twice (readers would keep only one of them:
+    every row would silently take the other column's value)."""
+    seen: set[str] = set()
+    return next((n for n in names if n in seen or seen.add(n)), None)
 
 
 def plan(spec: ManifestSpec) -> list[str]:
@@ -122,6 +143,8 @@ def plan(spec: ManifestSpec) -> list[str]:
             names, has_rows = _header(shard)
         except (OSError, pa.ArrowInvalid) as exc:
             raise BreakSceneError(f"manifest {shard} cannot be parsed: {exc}") from None
+        if repeated := repeated_column(names):
+            raise BreakSceneError(f"manifest {shard} has the column {repeated} twice: rename one of them")
         if has_rows:
             if names and spec.source("image_uri") not in names:
                 raise BreakSceneError(f"manifest {shard} has no {spec.source('image_uri')} column "
@@ -132,26 +155,38 @@ def plan(spec: ManifestSpec) -> list[str]:
 
 class ManifestTally:
     """One per run (a Ray actor): counts rows per outcome, keeps the first rejected-row
-    messages, and owns the explicit ids seen this run, so that a repeated id is processed
-    once (the row that arrives first keeps it: within a shard, the earlier row)."""
+    messages, and owns the explicit ids and the id-less rows' URIs seen this run, so that
+    a repeated id is processed once and a repeated URI is fetched once (the row that
+    arrives first keeps it: within a shard, the earlier row)."""
 
     def __init__(self) -> None:
-        self.counts = {"rows": 0, "done": 0, "rejected": 0}
+        self.counts = {"rows": 0, "done": 0, "rejected": 0, "duplicate": 0}
         self.rejected: list[dict] = []
+        self.duplicates: list[dict] = []
         self.owner: dict[str, str] = {}
+        self.uri_owner: dict[str, str] = {}
 
     def claim_ids(self, ids: list[str], labels: list[str]) -> list[str]:
         return [self.owner.setdefault(i, label) for i, label in zip(ids, labels)]
 
-    def report(self, rows: int, done: int, rejected: list[dict], more_rejected: int = 0) -> None:
-        """``more_rejected``: rejected rows beyond the messages a worker kept."""
+    def claim(self, ids: list[str], id_labels: list[str], uris: list[str],
+              uri_labels: list[str]) -> tuple[list[str], list[str]]:
+        """A batch's explicit ids and id-less URIs in one call: the owner of each."""
+        return (self.claim_ids(ids, id_labels),
+                [self.uri_owner.setdefault(u, label) for u, label in zip(uris, uri_labels)])
+
+    def report(self, rows: int, done: int, rejected: list[dict], more_rejected: int = 0,
+               duplicates: list[dict] = (), more_duplicates: int = 0) -> None:
+        """``more_*``: rows beyond the messages a worker kept."""
         self.counts["rows"] += rows
         self.counts["done"] += done
         self.counts["rejected"] += len(rejected) + more_rejected
+        self.counts["duplicate"] += len(duplicates) + more_duplicates
         self.rejected.extend(rejected[: max(0, MAX_MESSAGES - len(self.rejected))])
+        self.duplicates.extend(list(duplicates)[: max(0, MAX_MESSAGES - len(self.duplicates))])
 
     def result(self) -> dict:
-        return {**self.counts, "messages": self.rejected}
+        return {**self.counts, "messages": self.rejected, "duplicates": self.duplicates}
 
 
 def _as_list(value, column: str) -> list[str]:
@@ -168,54 +203,241 @@ def _as_list(value, column: str) -> list[str]:
     return list(value)
 
 
-def _batches(uri: str, spec: ManifestSpec) -> Iterator[pa.Table | list]:
-    """The shard as Arrow tables (Parquet, CSV) or lists of parsed lines (JSON Lines,
-    where a malformed line must fail alone: a list item is a dict or an error string)."""
-    fs, path = filesystem(uri)
-    fmt = _format(uri)
-    with fs.open(path, "rb") as fh:
-        if fmt == "parquet":
-            for batch in pq.ParquetFile(fh).iter_batches(batch_size=BATCH_ROWS):
-                yield pa.Table.from_batches([batch])
-        elif fmt == "csv":
-            strings = {spec.source(c): pa.string() for c in COLUMNS}  # ids and URIs exactly as written
-            convert = pacsv.ConvertOptions(column_types=strings, strings_can_be_null=False)
-            reader = pacsv.open_csv(fh, convert_options=convert,
-                                    read_options=pacsv.ReadOptions(block_size=1 << 20))
-            for batch in reader:
-                yield pa.Table.from_batches([batch])
+@dataclass
+class Part:
+    """A batch of one shard as read: its rows (an Arrow table for Parquet and CSV, dicts
+    for JSON Lines), the manifest row number of each, and the rows refused while reading
+    (row -> why; not among ``items``). ``refused``: why every row of the part is refused
+    (said once per shard)."""
+
+    items: pa.Table | list[dict]
+    rows: np.ndarray
+    bad: dict[int, str] = field(default_factory=dict)
+    refused: str = ""
+
+
+def _not_utf8(exc: UnicodeDecodeError) -> str:
+    return f"not valid UTF-8 (byte {exc.object[exc.start]:#04x} at {exc.start})"
+
+
+def _unique_keys(pairs: list[tuple]) -> dict:
+    """A JSON object whose keys are unique (``json`` would keep the last of a repeated one)."""
+    obj = dict(pairs)
+    if len(obj) < len(pairs):
+        raise ValueError(f"the key {repeated_column([k for k, _ in pairs])} appears twice")
+    return obj
+
+
+def _json_row(line: bytes, spec: ManifestSpec) -> dict:
+    """One JSON line as a row (raises ValueError naming what is wrong with it)."""
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(_not_utf8(exc)) from None
+    try:
+        item = json.loads(text, object_pairs_hook=_unique_keys)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"not valid JSON ({exc.msg} at column {exc.colno})") from None
+    if not isinstance(item, dict):
+        raise ValueError(f"not a JSON object: {text[:80]!r}")
+    for name in (spec.source("image_uri"), spec.source("image_id")):
+        if name in item:
+            try:
+                item[name] = id_text(item[name])
+            except ValueError as exc:
+                raise ValueError(f"{name} {exc}") from None
+    return item
+
+
+def _json_parts(fh, spec: ManifestSpec) -> Iterator[Part]:
+    """JSON Lines, a line at a time: row = line number, blank lines skipped, a line that is
+    not UTF-8 or not a JSON object refused alone."""
+    items, rows, bad = [], [], {}
+    for row, line in enumerate(fh):
+        if row == 0:
+            line = line.removeprefix(codecs.BOM_UTF8)  # what Windows tools write first
+        if not line.strip():
+            continue
+        try:
+            items.append(_json_row(line, spec))
+            rows.append(row)
+        except ValueError as exc:
+            bad[row] = str(exc)
+        if len(items) + len(bad) >= BATCH_ROWS:
+            yield Part(items, np.array(rows, np.int64), bad)
+            items, rows, bad = [], [], {}
+    if items or bad:
+        yield Part(items, np.array(rows, np.int64), bad)
+
+
+class CsvRows:
+    """Numbers a CSV's rows around the rows its parser refused: pyarrow's
+    ``invalid_row_handler`` skips a row of the wrong field count and says where it was
+    (with ``use_threads=False``), and here it is named and its neighbours keep their numbers."""
+
+    def __init__(self) -> None:
+        self.refused: dict[int, str] = {}  # data row -> why, not yet placed among a batch's rows
+        self.next = 0
+
+    def handler(self, row) -> str:
+        if row.number is None:  # position unknown: fail the shard from here rather than misnumber
+            return "error"
+        # number: 1-based, counting the header and not blank lines; data rows count from 0
+        self.refused[row.number - 2] = f"{row.actual_columns} fields where the header has {row.expected_columns}"
+        return "skip"
+
+    def place(self, n: int) -> tuple[np.ndarray, dict[int, str]]:
+        """The row numbers of the next batch's ``n`` rows, and the refused rows before them."""
+        rows = np.arange(self.next, self.next + n, dtype=np.int64)
+        for skipped in sorted(self.refused):
+            if not n or skipped > rows[-1]:
+                break
+            rows[rows >= skipped] += 1
+        self.next = int(rows[-1]) + 1 if n else self.next
+        return rows, {r: self.refused.pop(r) for r in sorted(self.refused) if r < self.next}
+
+
+def _csv_reader(fh, names: list[str] | None, numbering: CsvRows):
+    # every column read as bytes: a bad byte or a type change in a later block must fail
+    # its row, not the rest of the shard (pyarrow's inference fixes types on the first block)
+    types = {n: pa.binary() for n in names or []}
+    return pacsv.open_csv(fh, read_options=pacsv.ReadOptions(block_size=CSV_BLOCK_BYTES, use_threads=False),
+                          parse_options=pacsv.ParseOptions(invalid_row_handler=numbering.handler),
+                          convert_options=pacsv.ConvertOptions(column_types=types, strings_can_be_null=False))
+
+
+def _csv_parts(fh, spec: ManifestSpec) -> Iterator[Part]:
+    try:  # the names first (pyarrow reads the first block for them), then every column as bytes
+        names = _csv_reader(fh, None, CsvRows()).schema.names
+    except pa.ArrowInvalid as exc:
+        if "Empty CSV file" in str(exc):
+            return
+        raise
+    fh.seek(0)
+    numbering = CsvRows()
+    for batch in _csv_reader(fh, names, numbering):
+        rows, skipped = numbering.place(batch.num_rows)
+        yield _csv_part(pa.Table.from_batches([batch]), rows, skipped, spec)
+    if numbering.refused:
+        yield Part([], np.zeros(0, np.int64), dict(numbering.refused))
+
+
+def _csv_part(table: pa.Table, rows: np.ndarray, bad: dict[int, str], spec: ManifestSpec) -> Part:
+    """A CSV batch read as bytes -> text, rows holding a byte that is not UTF-8 refused,
+    meta columns typed per batch."""
+    if repeated_column(table.column_names):
+        return _refused(table, rows, bad)
+    problems: dict[int, str] = {}
+    for name, column in zip(table.column_names, table.columns):
+        for i, value in _invalid_utf8(column):
+            problems.setdefault(i, f"{name} is {value}")
+    table, rows = _drop(table, rows, problems, bad)
+    known = {spec.source(c) for c in COLUMNS}
+    columns = [pc.cast(c, pa.string()) for c in table.columns]
+    columns = [c if n in known else _typed(c) for n, c in zip(table.column_names, columns)]
+    return _with_id_texts(pa.table(columns, names=table.column_names), rows, bad, spec)
+
+
+def _invalid_utf8(column: pa.ChunkedArray) -> list[tuple[int, str]]:
+    """(index, why) of the values that are not UTF-8 (one vectorised check when all are)."""
+    try:
+        pc.cast(column, pa.string())
+        return []
+    except pa.ArrowInvalid:
+        pass
+    found = []
+    for i, value in enumerate(column.to_pylist()):
+        try:
+            value.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            found.append((i, _not_utf8(exc)))
+    return found
+
+
+def _typed(texts: pa.ChunkedArray) -> pa.ChunkedArray:
+    """A CSV meta column as numbers or booleans where every value of the batch reads as one
+    (as pyarrow would infer: "", "NA", "null", ... are null), else the text as written."""
+    values = pc.if_else(pc.is_in(texts, CSV_NULLS), pa.scalar(None, pa.string()), texts)
+    for kind in (pa.int64(), pa.float64(), pa.bool_()):
+        try:
+            return pc.cast(values, kind)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+            continue
+    return texts
+
+
+def _drop(table: pa.Table, rows: np.ndarray, problems: dict[int, str], bad: dict[int, str]):
+    """The table without the rows of ``problems`` (batch indexes), which go to ``bad``."""
+    if not problems:
+        return table, rows
+    bad.update({int(rows[i]): why for i, why in problems.items()})
+    keep = np.ones(len(rows), bool)
+    keep[list(problems)] = False
+    return table.filter(pa.array(keep)), rows[keep]
+
+
+def _with_id_texts(table: pa.Table, rows: np.ndarray, bad: dict[int, str], spec: ManifestSpec) -> Part:
+    """The id and URI columns as text by the one rule (``keys.id_texts``); rows whose
+    value is no id refused."""
+    problems: dict[int, str] = {}
+    for name in (spec.source("image_uri"), spec.source("image_id")):
+        if name in table.column_names:
+            texts, refused = id_texts(table.column(name))
+            table = table.set_column(table.column_names.index(name), name, texts)
+            for i, why in refused.items():
+                problems.setdefault(i, f"{name} {why}")
+    table, rows = _drop(table, rows, problems, bad)
+    return Part(table, rows, bad)
+
+
+def _refused(table: pa.Table, rows: np.ndarray, bad: dict[int, str]) -> Part:
+    return Part(table, rows, bad, refused=f"has the column {repeated_column(table.column_names)} twice: "
+                                          "its rows are refused (rename one of them)")
+
+
+def _parquet_parts(fh, spec: ManifestSpec) -> Iterator[Part]:
+    start = 0
+    for batch in pq.ParquetFile(fh).iter_batches(batch_size=BATCH_ROWS):
+        table = pa.Table.from_batches([batch])
+        rows = np.arange(start, start + table.num_rows, dtype=np.int64)
+        start += table.num_rows
+        if repeated_column(table.column_names):
+            yield _refused(table, rows, {})
         else:
-            chunk: list = []
-            for line in io.TextIOWrapper(fh, encoding="utf-8", errors="replace"):
-                if not line.strip():
-                    chunk.append(None)  # keeps row numbers equal to line numbers of data
-                    continue
-                try:
-                    item = json.loads(line)
-                    chunk.append(item if isinstance(item, dict) else f"not a JSON object: {line[:80]!r}")
-                except json.JSONDecodeError as exc:
-                    chunk.append(f"not valid JSON ({exc.msg} at column {exc.colno})")
-                if len(chunk) >= BATCH_ROWS:
-                    yield chunk
-                    chunk = []
-            if chunk:
-                yield chunk
+            yield _with_id_texts(table, rows, {}, spec)
 
 
-def _ids(batch, spec: ManifestSpec) -> pa.Array:
-    """The batch's explicit ids as strings (null where absent)."""
+def read_parts(uri: str, spec: ManifestSpec) -> Iterator[Part]:
+    """One shard, streamed in parts of up to ``BATCH_ROWS`` rows."""
+    fs, path = filesystem(uri)
+    with fs.open(path, "rb") as fh:
+        yield from {"parquet": _parquet_parts, "csv": _csv_parts, "json": _json_parts}[_format(uri)](fh, spec)
+
+
+def _ids(items: pa.Table | list[dict], spec: ManifestSpec) -> pa.Array:
+    """The part's explicit ids as strings (null where absent)."""
     col = spec.source("image_id")
-    if isinstance(batch, list):
-        return pa.array([(str(r[col]) if isinstance(r, dict) and r.get(col) not in (None, "") else None)
-                         for r in batch], pa.string())
-    if col not in batch.column_names:
-        return pa.nulls(batch.num_rows, pa.string())
-    ids = pc.cast(batch.column(col), pa.string())
+    if isinstance(items, list):
+        return pa.array([r.get(col) or None for r in items], pa.string())
+    if col not in items.column_names:
+        return pa.nulls(items.num_rows, pa.string())
+    ids = items.column(col)
     return pc.if_else(pc.equal(ids, ""), pa.scalar(None, pa.string()), ids)
 
 
 def _label(file: str, row: int, single: bool) -> str:
     return str(row) if single else f"{file.rsplit('/', 1)[-1]}:{row}"
+
+
+def _meta_value(value):
+    """JSON for what json cannot write: bytes as UTF-8 text (base64 when not text),
+    timestamps as ISO 8601, decimals as numbers' text (the ids' rule)."""
+    try:
+        return id_text(value)
+    except ValueError:
+        if isinstance(value, (bytes, bytearray, memoryview)):
+            return "base64:" + base64.b64encode(bytes(value)).decode("ascii")
+        return str(value)
 
 
 def stage_row(raw: dict, spec: ManifestSpec, file: str, row: int, label: str) -> dict:
@@ -230,11 +452,38 @@ def stage_row(raw: dict, spec: ManifestSpec, file: str, row: int, label: str) ->
     lists = {c: _as_list(raw.get(spec.source(c)), spec.source(c)) for c in LIST_COLUMNS}
     known = {spec.source(c) for c in COLUMNS}
     meta = {k: v for k, v in raw.items() if k not in known and v is not None}
-    return {"image_id": image_id or "", "image_uri": str(uri), "manifest_row": row, "manifest_file": file,
-            "manifest_label": label, "meta": json.dumps(meta, default=str, sort_keys=True) if meta else None,
-            **{c: json.dumps(v) for c, v in lists.items()},
-            "image_bytes": b"", "width": 0, "height": 0, "status": "ok", "error": "", "warnings": "[]",
-            "masks": "[]", "features": "[]", "selected": "[]", "timings": "{}", "record": ""}
+    return new_row(image_id=image_id, image_uri=str(uri), manifest_row=row, manifest_file=file, manifest_label=label,
+                   meta=to_json(meta, default=_meta_value, sort_keys=True) if meta else None, **lists)
+
+
+@dataclass
+class ShardCounts:
+    """What one shard reports to the run's ManifestTally, once, at its end."""
+
+    rows: int = 0
+    done: int = 0
+    next_row: int = 0  # the row after the last one read
+    messages: list[dict] = field(default_factory=list)
+    more: int = 0  # rejected rows beyond the messages kept
+    duplicates: list[dict] = field(default_factory=list)
+    more_duplicates: int = 0
+    refused: bool = False  # the shard's rows are refused whole (said once)
+
+    def reject(self, entries: list[dict], count: int | None = None) -> None:
+        """``count`` rows rejected (default: one per entry); beyond MAX_MESSAGES only the count."""
+        kept = entries[: max(0, MAX_MESSAGES - len(self.messages))]
+        self.messages.extend(kept)
+        self.more += (len(entries) if count is None else count) - len(kept)
+
+    def duplicate(self, entries: list[dict]) -> None:
+        kept = entries[: max(0, MAX_MESSAGES - len(self.duplicates))]
+        self.duplicates.extend(kept)
+        self.more_duplicates += len(entries) - len(kept)
+
+
+def _rejected(uri: str, row: int, why: str, image_id: str | None = None) -> dict:
+    return {"manifest_file": uri, "manifest_row": row, "image_id": image_id,
+            "error": f"manifest {uri} row {row}: {why}"}
 
 
 def read_shard(batch: dict, spec: dict, done, tally, single: bool,
@@ -242,68 +491,86 @@ def read_shard(batch: dict, spec: dict, done, tally, single: bool,
     """Ray Data ``map_batches`` generator over shard items ({"uri", "index"}): yields the
     stage rows of rows still to do, in Arrow tables of up to ``BATCH_ROWS`` rows. Counts
     go to ``tally`` once per shard (and when a shard fails), not once per batch.
-    ``done``: see ``doneset.resolve``."""
-    from breakscene.storage import configure
-
-    configure(storage or {})
+    ``done``: see ``doneset.resolve``; ``storage``: the job's storage settings
+    (``StorageConfig`` as a dict), applied as every stage applies them."""
+    apply_storage(storage)
     spec_ = ManifestSpec(**spec)
     done = resolve(done)
     for uri in batch["uri"]:
-        uri = str(uri)
-        first = 0
-        counts = {"rows": 0, "done": 0, "rejected": [], "more": 0}
+        counts = ShardCounts()
+        yield from _scan(str(uri), spec_, done, tally, single, counts)
+        _call(tally, "report", counts.rows, counts.done, counts.messages, counts.more, counts.duplicates,
+              counts.more_duplicates)
+
+
+def _scan(uri: str, spec: ManifestSpec, done, tally, single: bool, counts: ShardCounts) -> Iterator[pa.Table]:
+    try:
+        for part in read_parts(uri, spec):
+            out = _todo(part, uri, spec, done, tally, single, counts)
+            if out:
+                yield pa.Table.from_pylist(out, schema=ROW_SCHEMA)
+    except (OSError, pa.ArrowInvalid, UnicodeDecodeError) as exc:  # a shard that cannot be read fails alone
+        counts.rows += 1
+        counts.reject([{"manifest_file": uri, "manifest_row": counts.next_row, "image_id": None,
+                        "error": f"manifest {uri} cannot be read from row {counts.next_row}: "
+                                 f"{type(exc).__name__}: {exc}"}])
+
+
+def _todo(part: Part, uri: str, spec: ManifestSpec, done, tally, single: bool, counts: ShardCounts) -> list[dict]:
+    """The part's stage rows still to do; its counts and rejected rows into ``counts``."""
+    n = len(part.rows)
+    counts.rows += n + len(part.bad)
+    numbers = [*part.rows.tolist(), *part.bad]
+    counts.next_row = max([counts.next_row, *(r + 1 for r in numbers)])
+    if part.refused:  # said once per shard, every row counted
+        said, counts.refused = counts.refused, True
+        counts.reject([] if said else [{"manifest_file": uri, "manifest_row": min(numbers, default=0),
+                                        "image_id": None, "error": f"manifest {uri} {part.refused}"}],
+                      count=n + len(part.bad))
+        return []
+    rejected = [_rejected(uri, r, why) for r, why in sorted(part.bad.items())]
+    keep = np.arange(n) if done is None else np.flatnonzero(~done.contains(_ids(part.items, spec)))
+    counts.done += n - len(keep)
+    items = part.items
+    raws = [items[i] for i in keep] if isinstance(items, list) else items.take(pa.array(keep, pa.int64())).to_pylist()
+    out = []
+    for i, raw in zip(keep, raws):
+        row = int(part.rows[i])
         try:
-            for part in _batches(uri, spec_):
-                lines = isinstance(part, list)
-                n = len(part) if lines else part.num_rows
-                base, first = first, first + n
-                if done is not None:
-                    keep = np.flatnonzero(~done.contains(_ids(part, spec_))).tolist()
-                else:
-                    keep = list(range(n))
-                raws = [part[i] for i in keep] if lines else part.take(pa.array(keep, pa.int64())).to_pylist()
-                out, rejected = [], []
-                for i, raw in zip(keep, raws):
-                    if raw is None:  # a blank line
-                        continue
-                    row = base + i
-                    try:
-                        if isinstance(raw, str):
-                            raise ValueError(raw)
-                        out.append(stage_row(raw, spec_, uri, row, _label(uri, row, single)))
-                    except ValueError as exc:
-                        rejected.append({"manifest_file": uri, "manifest_row": row, "image_id": None,
-                                         "error": f"manifest {uri} row {row}: {exc}"})
-                out = _claim_ids(out, tally, rejected)
-                blanks = sum(1 for x in part if x is None) if lines else 0
-                counts["rows"] += n - blanks
-                counts["done"] += n - len(keep)
-                room = max(0, MAX_MESSAGES - len(counts["rejected"]))  # beyond it only the count travels
-                counts["rejected"].extend(rejected[:room])
-                counts["more"] += len(rejected) - len(rejected[:room])
-                if out:
-                    yield pa.Table.from_pylist(out, schema=STAGE_SCHEMA)
-        except (OSError, pa.ArrowInvalid, UnicodeDecodeError) as exc:  # a malformed shard fails alone
-            counts["rows"] += 1
-            counts["rejected"].append({"manifest_file": uri, "manifest_row": first, "image_id": None,
-                                       "error": f"manifest {uri} cannot be read from row {first}: "
-                                                f"{type(exc).__name__}: {exc}"})
-        _call(tally, "report", counts["rows"], counts["done"], counts["rejected"], counts["more"])
+            out.append(stage_row(raw, spec, uri, row, _label(uri, row, single)))
+        except ValueError as exc:
+            rejected.append(_rejected(uri, row, str(exc)))
+    duplicates: list[dict] = []
+    out = _claim_rows(out, tally, rejected, duplicates)
+    counts.reject(rejected)
+    counts.duplicate(duplicates)
+    return out
 
 
-def _claim_ids(rows: list[dict], tally, rejected: list[dict]) -> list[dict]:
-    """Drop rows whose explicit id an earlier row of this run holds."""
-    explicit = [r for r in rows if r["image_id"]]
-    if not explicit:
+def _claim_rows(rows: list[dict], tally, rejected: list[dict], duplicates: list[dict]) -> list[dict]:
+    """One call to the run's tally per part: a row whose explicit id an earlier row of
+    this run holds is rejected; an id-less row whose image_uri an earlier id-less row
+    holds is a duplicate, left out before any fetch (its picture is the earlier row's:
+    100,000 rows of one URI cost what reading them costs, not a trip through every stage)."""
+    if not rows:
         return rows
-    owners = _call(tally, "claim_ids", [r["image_id"] for r in explicit], [r["manifest_label"] for r in explicit])
+    explicit = [r for r in rows if r["image_id"]]
+    anonymous = [r for r in rows if not r["image_id"]]
+    id_owners, uri_owners = _call(tally, "claim", [r["image_id"] for r in explicit],
+                                  [r["manifest_label"] for r in explicit], [r["image_uri"] for r in anonymous],
+                                  [r["manifest_label"] for r in anonymous])
     dropped = set()
-    for r, owner in zip(explicit, owners):
+    for r, owner in zip(explicit, id_owners):
         if owner != r["manifest_label"]:
             dropped.add(id(r))
             rejected.append({"manifest_file": r["manifest_file"], "manifest_row": r["manifest_row"],
                              "image_id": r["image_id"],
                              "error": f"manifest: duplicate image_id {r['image_id']!r} (first at row {owner})"})
+    for r, owner in zip(anonymous, uri_owners):
+        if owner != r["manifest_label"]:
+            dropped.add(id(r))
+            duplicates.append({"manifest_row": r["manifest_row"], "image_id": None,
+                               "note": f"same image_uri as manifest row {owner}: fetched and processed once"})
     return [r for r in rows if id(r) not in dropped]
 
 
@@ -316,38 +583,26 @@ def _call(tally, method: str, *args):
     return ray.get(getattr(tally, method).remote(*args))
 
 
-STAGE_SCHEMA = pa.schema([
-    ("image_id", pa.string()), ("image_uri", pa.string()), ("manifest_row", pa.int64()),
-    ("manifest_file", pa.string()), ("manifest_label", pa.string()), ("meta", pa.string()),
-    ("mask_uris", pa.string()), ("labels", pa.string()), ("gt_mask_uris", pa.string()),
-    ("image_bytes", pa.binary()), ("width", pa.int64()), ("height", pa.int64()), ("status", pa.string()),
-    ("error", pa.string()), ("warnings", pa.string()), ("masks", pa.string()), ("features", pa.string()),
-    ("selected", pa.string()), ("timings", pa.string()), ("record", pa.string()),
-])
-
-
 def read_manifest(uri: str, columns: dict[str, str] | None = None) -> list[dict]:
     """Every row of a small manifest on the driver (the robustness study's scenes): the
     same parsing, but the first bad row raises. Rows have ``COLUMNS`` (lists as lists,
     ``image_id`` None when absent), ``manifest_row`` and ``meta``."""
     spec = ManifestSpec(uri=uri, columns=columns or {})
-    shards = plan(spec)
     rows = []
-    for shard in shards:
-        first = 0
-        for part in _batches(shard, spec):
-            raws = part if isinstance(part, list) else part.to_pylist()
-            for i, raw in enumerate(raws, start=first):
-                if raw is None:
-                    continue
+    for shard in plan(spec):
+        for part in read_parts(shard, spec):
+            if part.refused:
+                raise BreakSceneError(f"manifest {shard} {part.refused}")
+            if part.bad:
+                row = min(part.bad)
+                raise BreakSceneError(f"manifest {shard} row {row}: {part.bad[row]}")
+            raws = part.items if isinstance(part.items, list) else part.items.to_pylist()
+            for i, raw in zip(part.rows.tolist(), raws):
                 try:
-                    if isinstance(raw, str):
-                        raise ValueError(raw)
                     r = stage_row(raw, spec, shard, i, str(i))
                 except ValueError as exc:
                     raise BreakSceneError(f"manifest {shard} row {i}: {exc}") from None
                 rows.append({"image_uri": r["image_uri"], "image_id": r["image_id"] or None,
-                             **{c: json.loads(r[c]) for c in LIST_COLUMNS},
+                             **{c: r[c] for c in LIST_COLUMNS},
                              "manifest_row": len(rows), "meta": r["meta"]})
-            first += len(raws)
     return rows

@@ -1,34 +1,79 @@
 """Checks made by the driver before any work: the job's storage settings are applied, the
-output can be written and the manifest can be read. Each failure is one error naming the
-location and what happened (a file given as output, a read-only folder, no credentials,
-a timeout), not a traceback after the first images."""
+output can be written (by fsspec and by the Delta table writer, each with the same
+settings) and the manifest can be read. Each failure is one error naming the location and
+what happened (a file given as output, a read-only folder, no credentials, a timeout),
+not a traceback after the first images."""
 from __future__ import annotations
 
+import contextlib
 import json
+import re
+import uuid
+from typing import NamedTuple
 
 from breakscene.errors import BreakSceneError, OutputError, StorageError
-from breakscene.outputs import check_writable
-from breakscene.storage import exists, folder_state, join, read_bytes, refuse_foreign, write_bytes
+from breakscene.outputs import check_plain_prefix, check_writable
+from breakscene.storage import (exists, filesystem, folder_state, is_remote, join, read_bytes, refuse_foreign,
+                                write_bytes)
+from breakscene.strictjson import to_json
 
 from .config import JobConfig
+from .tables import delta_options
 
 # Written into every pipeline or study output when its first run starts: a folder without
 # it (and not empty) holds someone else's files, and no run, gc or compact touches it.
 OUTPUT_MARKER = ".breakscene-output"
-# outputs written before the marker existed are known by the folder only their runs make
-EARLIER_OUTPUTS = {"pipeline": "runs", "study": "cells"}
+
+
+class EarlierLayout(NamedTuple):
+    """How an output written before the marker existed is known: a layout no other tool
+    makes (TensorBoard writes runs/, many tools a summary.json), i.e. a folder of this
+    project's done-markers only, named in its id format, a summary with its keys, and
+    what its runs always write beside them."""
+
+    folder: str
+    names: re.Pattern
+    summary: str
+    keys: frozenset
+    also: str | None = None
+
+
+EARLIER_OUTPUTS = {
+    "pipeline": EarlierLayout("runs", re.compile(r"\d{8}T\d{6}Z-[0-9a-f]{6}\.json"),  # pipeline.run.new_run_id
+                              "summary.json", frozenset({"run_id", "counts", "tables", "manifest", "output"}),
+                              also="images/_delta_log"),
+    "study": EarlierLayout("cells", re.compile(r"[0-9a-f]{16}\.json"),  # robustness.grid.cell_id
+                           "study.json", frozenset({"study", "cells", "measurement_rows"})),
+}
+
+
+def is_earlier_output(uri: str, kind: str) -> bool:
+    """Whether ``uri`` has the whole layout of an output of ``kind`` written before the marker."""
+    layout = EARLIER_OUTPUTS[kind]
+    fs, root = filesystem(join(uri, layout.folder))
+    if not fs.isdir(root) or (layout.also and not exists(join(uri, layout.also))):
+        return False
+    listed = [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(root, detail=False)]
+    if not listed or not all(layout.names.fullmatch(name) for name in listed):
+        return False
+    try:
+        written = json.loads(read_bytes(join(uri, layout.summary)))
+    except (FileNotFoundError, ValueError):
+        return False
+    return isinstance(written, dict) and layout.keys <= written.keys()
 
 
 def output_state(uri: str, kind: str) -> str:
     """"absent", "ours", "file" or "foreign" (see ``storage.folder_state``), for an output of
     ``kind`` ("pipeline" or "study"); another kind's output is refused here."""
+    check_plain_prefix(uri, what="output")
     try:
         state = folder_state(uri, OUTPUT_MARKER)
         if state == "ours" and exists(join(uri, OUTPUT_MARKER)):
             written = json.loads(read_bytes(join(uri, OUTPUT_MARKER))).get("kind")
             if written != kind:
                 raise OutputError(f"output {uri} holds a {written} output, not a {kind} one: choose another folder")
-        if state == "foreign" and exists(join(uri, EARLIER_OUTPUTS[kind])):
+        if state == "foreign" and is_earlier_output(uri, kind):
             state = "ours"
     except StorageError as exc:
         raise OutputError(f"output {exc}") from None
@@ -46,7 +91,7 @@ def check_output_folder(uri: str, kind: str) -> None:
 def claim_output_folder(uri: str, kind: str) -> None:
     """Mark ``uri`` as this project's output (once, before anything else is written there)."""
     if not exists(join(uri, OUTPUT_MARKER)):
-        write_bytes(join(uri, OUTPUT_MARKER), json.dumps({"kind": kind, "written_by": "breakscene"}).encode())
+        write_bytes(join(uri, OUTPUT_MARKER), to_json({"kind": kind, "written_by": "breakscene"}).encode())
 
 
 def check_existing_output(uri: str, kind: str = "pipeline") -> None:
@@ -64,10 +109,47 @@ def check_manifest(uri: str) -> None:
         raise BreakSceneError(f"manifest {uri} does not exist")
 
 
+def table_store_error(exc: BaseException) -> str:
+    """delta-rs' multi-line error chain in one line: what failed, the request it made (the
+    endpoint it really used), the innermost cause and the server's error code."""
+    text = re.sub(r"\x1b\[[0-9;]*m|↳", "", str(exc))
+    lines = [line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith("<")]
+    request = re.search(r"Error performing ([A-Z]+ \w+://\S+)", text)
+    code = re.search(r"<Code>([^<]+)</Code>", text)
+    parts = lines[:1] + ([request.group(1)] if request else []) + lines[-1:] + ([code.group(1)] if code else [])
+    return ": ".join(dict.fromkeys(parts))[:500] or type(exc).__name__
+
+
+def check_table_writer(uri: str) -> None:
+    """Prove that the Delta table writer (delta-rs, an S3 client of its own) reaches the
+    output with this process's settings: a probe object written, listed and deleted
+    through its object store. A local output is written by the same system calls that
+    ``check_writable`` made."""
+    if not is_remote(uri):
+        return
+    from deltalake.fs import DeltaStorageHandler
+    from pyarrow.fs import FileSelector
+
+    probe = f".breakscene-probe-{uuid.uuid4().hex[:8]}"
+    store = None
+    try:
+        store = DeltaStorageHandler(uri, delta_options(uri))
+        store.open_output_stream(probe).close()
+        store.get_file_info_selector(FileSelector("", recursive=False))
+        store.delete_file(probe)
+    except Exception as exc:  # noqa: BLE001 - named below
+        with contextlib.suppress(Exception):  # written, then a later step failed: leave nothing
+            store.delete_file(probe)
+        raise OutputError(f"output {uri} cannot be written by the Delta table writer (delta-rs): "
+                          f"{table_store_error(exc)}") from None
+
+
 def check_job(job: JobConfig) -> None:
     """Apply the job's storage settings to this process, then check output and manifest."""
     job.storage.apply()
+    check_plain_prefix(job.output, what="output")
     check_writable(job.output, what="output", inside=True)
     check_output_folder(job.output, "pipeline")
+    check_table_writer(job.output)  # delta-rs: its own S3 client, given the same settings
     if job.manifest and not any(c in job.manifest.uri for c in "*?["):  # a glob is listed by manifest.plan
         check_manifest(job.manifest.uri)

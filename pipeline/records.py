@@ -10,19 +10,20 @@ workers staged: a run never reads the records of earlier runs.
 from __future__ import annotations
 
 import hashlib
+import json
 
 import pyarrow as pa
 
 from breakscene.quality_evidence import EVIDENCE_COLUMNS
-from breakscene.storage import join
+from breakscene.storage import join, read_bytes
 
 from . import tables as T
 from .artifacts import read_json_folder, write_json
 from .keys import storage_key
+from .status import Status
 
-DONE_STATUSES = ("ok", "skipped")
-# a score-only run's outcome: masks scored and selected, not yet extracted
-SCORED = "scored"
+DONE_STATUSES = (Status.OK, Status.SKIPPED)
+SCORED = Status.SCORED  # a score-only run's outcome: masks scored and selected, not yet extracted
 DONE_FOR = {"extract": DONE_STATUSES, "score": DONE_STATUSES + (SCORED,)}
 
 IMAGES_SCHEMA = pa.schema([
@@ -35,16 +36,21 @@ IMAGES_SCHEMA = pa.schema([
     # where the row came from, and the manifest's own columns this project does not know (JSON)
     ("manifest_file", pa.string()), ("meta", pa.string()),
 ])
+# a mask's quality columns (``breakscene.quality.score_masks``; the row's ``features``)
+FEATURE_FIELDS = [
+    ("area_fraction", pa.float64()), ("center_fraction", pa.float64()), ("n_components", pa.int32()),
+    ("largest_component_fraction", pa.float64()), ("hole_fraction", pa.float64()), ("compactness", pa.float64()),
+    ("roughness", pa.float64()), ("border_contact", pa.float64()), ("max_overlap", pa.float64()),
+    ("predicted_iou", pa.float64()), ("stability_score", pa.float64()), ("gt_iou", pa.float64()),
+    # quality = predicted IoU; the model's version and the image evidence it read
+    ("quality", pa.float64()), ("quality_version", pa.string()), *[(c, pa.float64()) for c in EVIDENCE_COLUMNS],
+]
 MASKS_SCHEMA = pa.schema([
     ("image_id", pa.string()), ("mask_index", pa.int32()), ("source", pa.string()),
     ("rle", pa.struct([("size", pa.list_(pa.int32())), ("counts", pa.string())])),
-    ("area_fraction", pa.float64()), ("center_fraction", pa.float64()), ("n_components", pa.int32()), ("largest_component_fraction", pa.float64()),
-    ("hole_fraction", pa.float64()), ("compactness", pa.float64()), ("roughness", pa.float64()),
-    ("border_contact", pa.float64()), ("max_overlap", pa.float64()), ("predicted_iou", pa.float64()),
-    ("stability_score", pa.float64()), ("gt_iou", pa.float64()), ("quality", pa.float64()),
-    # quality = predicted IoU; the model's version and the image evidence it read
-    ("quality_version", pa.string()), *[(c, pa.float64()) for c in EVIDENCE_COLUMNS],
-    ("selected", pa.bool_()), ("run_id", pa.string()),
+    *FEATURE_FIELDS, ("selected", pa.bool_()), ("run_id", pa.string()),
+    # schema version 3: the user mask's file (null for a segmenter's mask and in older rows)
+    ("mask_uri", pa.string()),
 ])
 CONCEPTS_SCHEMA = pa.schema([
     ("image_id", pa.string()), ("concept_index", pa.int32()), ("token", pa.string()), ("mask_index", pa.int32()),
@@ -72,6 +78,40 @@ def write_record(out: str, record: dict) -> str:
     return write_json(record_uri(out, record["image"]["image_id"]), record)
 
 
+def read_record(uri: str) -> dict | None:
+    """The record at ``uri`` (``record_uri``), or None where there is none."""
+    try:
+        return json.loads(read_bytes(uri))
+    except FileNotFoundError:
+        return None
+
+
+def build_record(row: dict, run_id: str) -> dict:
+    """The image's rows for the three tables, from its pipeline row (``pipeline/row.py``):
+    the record the extract stage writes, and what the staging stage stages."""
+    found, feats, chosen = row["masks"], row["features"], row["selected"]
+    image_id, bundle = row["image_id"], row["bundle_uri"] or ""
+    timings = row["timings"] or {}
+    image = {
+        "image_id": image_id, "image_uri": row["image_uri"], "manifest_row": int(row["manifest_row"]),
+        "width": int(row["width"]), "height": int(row["height"]), "status": str(row["status"]),
+        "error": row["error"], "warnings": list(row["warnings"]), "mask_source": found[0]["source"] if found else "",
+        "n_masks": len(found), "n_concepts": len(chosen) if row["bundle_uri"] else 0,
+        **{f"seconds_{k}": timings.get(k) for k in ("load", "segment", "score", "extract")},
+        "bundle_uri": bundle, "run_id": run_id, "manifest_file": row["manifest_file"], "meta": row["meta"],
+    }
+    masks = [{"image_id": image_id, "mask_index": i, "source": f["source"], "rle": f["rle"],
+              **(feats[i] if i < len(feats) else {}), "selected": i in chosen, "run_id": run_id}
+             for i, f in enumerate(found)]
+    concepts = [_in_order({**c, "image_id": image_id, "bundle_uri": bundle, "run_id": run_id}, CONCEPTS_SCHEMA)
+                for c in row["concepts"]]
+    return {"image": image, "masks": masks, "concepts": concepts}
+
+
+def _in_order(values: dict, schema: pa.Schema) -> dict:
+    return {name: values[name] for name in schema.names}
+
+
 def read_records(out: str) -> dict[str, dict]:
     """Every record under OUT/records (a tool for tests and benchmarks: runs never call
     it, since it reads history object by object)."""
@@ -79,22 +119,13 @@ def read_records(out: str) -> dict[str, dict]:
 
 
 def table_rows(records: list[dict], extra_images: list[dict] = ()) -> dict[str, pa.Table]:
-    """The three tables' rows held by ``records`` (missing columns null, ``error`` null
-    rather than empty on rows that did not fail)."""
+    """The three tables' rows held by ``records`` (missing columns null)."""
     rows = {
         "images": [r["image"] for r in records] + list(extra_images),
         "masks": [m for r in records for m in r.get("masks", [])],
         "concepts": [c for r in records for c in r.get("concepts", [])],
     }
-    out = {}
-    for name, schema in TABLES.items():
-        cols = schema.names
-        out[name] = pa.Table.from_pylist([{k: _clean(k, r.get(k)) for k in cols} for r in rows[name]], schema=schema)
-    return out
-
-
-def _clean(column: str, value):
-    return None if column == "error" and value == "" else value
+    return {name: pa.Table.from_pylist(rows[name], schema=schema) for name, schema in TABLES.items()}
 
 
 def write_tables(out: str, records: list[dict], extra_images: list[dict] = (), *, run_id: str = "records") -> dict[str, int]:

@@ -2,18 +2,21 @@
 
 Nothing here grows with the output's history except one scan of two columns of the
 ``images`` table (the done set, an Arrow column of ids):
-1. Take the output's lease (one run at a time); list the manifest's shards and check
-   their header (errors before any work).
+1. Take the output's lease (one run at a time); finish the commits of a run killed during
+   them; list the manifest's shards and check their header (errors before any work).
 2. Done set: ids whose current ``images`` row needs no more work (unless ``force``).
 3. Ray Data reads the manifest shards, drops rows already done, and streams the rest
    through load -> segment -> score/select -> extract (or stops after score); each
    batch's table rows are staged as Parquet by the workers.
-4. One Delta commit per table; the summary is folded from the stream's small rows.
+4. The commits as one unit (``pipeline/intent.py``): the intent, one Delta commit per
+   table, the summary folded from the stream's small rows; a killed driver's commits are
+   finished by the next run (step 1).
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
-import json
+import re
 import logging
 import time
 import uuid
@@ -21,9 +24,9 @@ from dataclasses import dataclass
 from typing import Callable
 
 import pyarrow as pa
-import pyarrow.compute as pc
 
-from breakscene.storage import PARTIAL, filesystem, join, write_bytes
+from breakscene.errors import OUTPUT_FAULT_ERRNOS, OutputWriteError, output_fault
+from breakscene.storage import PARTIAL, exists, filesystem, join
 
 from . import manifest as MF
 from . import records as R
@@ -32,11 +35,13 @@ from .cluster import auto_gpus, init_ray
 from .config import JobConfig
 from .demo import build_demo_inputs
 from .doneset import DoneSet
-from .lease import Lease
+from .intent import commit_run, intent_uri, pending, roll_forward
+from .lease import Lease, read_lease
 from .preflight import check_job, claim_output_folder
 from .resources import fit_plan, stage_plan
 from .staging import SUMMARY_SCHEMA, Tally, finish_scored, skip_done, stage_tables
 from .stages import ContentClaims, Extract, Segment, load_images, score_and_select
+from .status import Status
 
 log = logging.getLogger(__name__)
 ROWS_PER_BLOCK = 512  # at most, per Ray Data block through the cheap stages (at least 8 blocks)
@@ -57,7 +62,7 @@ def cleanup_partial(out: str) -> int:
     bundle.json was not written by this project and stays. Checks every bundle, so runs
     never call it: a run clears only the leftovers of the images it processes
     (``records.clear_partial_bundle``)."""
-    removed = T.clear_staging(out)
+    removed = T.clear_staging(out, keep={i["run_id"] for i in pending(out)})
     fs, root = filesystem(join(out, "bundles"))
     if not fs.exists(root):
         return removed
@@ -69,6 +74,44 @@ def cleanup_partial(out: str) -> int:
             fs.rm(path, recursive=True)
             removed += 1
     return removed
+
+
+@contextlib.contextmanager
+def stop_on_output_faults(out: str, run_id: str):
+    """Claim the output, then run the block; a full or read-only output anywhere in it (the
+    driver's writes, or a worker's record or staged rows) stops the run with one
+    ``OutputWriteError`` (exit status 4) instead of a traceback through Ray."""
+    try:
+        claim_output_folder(out, "pipeline")
+        yield
+    except Exception as exc:
+        text = _output_fault_text(exc, out)
+        if text is None:
+            raise
+        where = ("its commits are finished by the next run, gc or compact" if exists(intent_uri(out, run_id))
+                 else "nothing of it was committed; a rerun resumes the images it finished")
+        if (read_lease(out) or {}).get("holder") == run_id:  # a read-only output: the lease could not go
+            where += "; its lease is left behind: a run on this host takes it over at once, elsewhere when it expires"
+        raise OutputWriteError(f"{text}; run {run_id} stopped: {where}") from None
+
+
+# how a worker's output fault reads once Ray has carried it to the driver (as text: the
+# exception's own chain does not survive pickling)
+_REMOTE_FAULT = re.compile(r"breakscene\.errors\.OutputWriteError: (.+)|OSError: (\[Errno (?:%s)\] .+)"
+                           % "|".join(str(e) for e in sorted(OUTPUT_FAULT_ERRNOS)))
+
+
+def _output_fault_text(exc: Exception, out: str) -> str | None:
+    """What to tell the user when ``exc`` is an output fault (here or in a worker); else None."""
+    fault = output_fault(exc)
+    if isinstance(fault, OutputWriteError):
+        return str(fault)
+    if fault is not None:
+        return f"output {out} cannot be written: {fault}"
+    found = _REMOTE_FAULT.search(str(exc))
+    if found is None:
+        return None
+    return found.group(1) or f"output {out} cannot be written: {found.group(2)}"
 
 
 @dataclass
@@ -91,12 +134,12 @@ def run_job(job: JobConfig, address: str | None = None, *, stages: StageFns | No
     out = job.output
     driver: dict[str, float] = {}
     # 1. lease, manifest shards (their header checked before any work)
-    claim_output_folder(out, "pipeline")
-    with Lease(out, run_id):
+    with stop_on_output_faults(out, run_id), Lease(out, run_id):
         tick = time.perf_counter()
         uri = job.manifest.uri if job.manifest else build_demo_inputs(job.demo_inputs, out)
         spec = MF.ManifestSpec(uri=uri, columns=dict(job.manifest.columns) if job.manifest else {})
         shards = MF.plan(spec)
+        roll_forward(out)  # a run killed during its commits: finished first
         T.clear_staging(out)  # a dead run's uncommitted rows (the lease says none is running)
         # 2. done set: one scan of two columns of the images table
         scan = R.scan_images(out)
@@ -111,6 +154,7 @@ def run_job(job: JobConfig, address: str | None = None, *, stages: StageFns | No
         n_todo = todo.count()
         print(f"run {run_id}: {manifest_counts['rows']} manifest rows, {manifest_counts['done']} already done, "
               f"{n_todo} to process, {manifest_counts['rejected']} rejected"
+              + (f", {manifest_counts['duplicate']} repeating an image_uri" if manifest_counts["duplicate"] else "")
               + (f" (stop after {job.stop_after})" if job.stop_after != "extract" else ""), flush=True)
         tally = Tally()
         tick = time.perf_counter()
@@ -123,14 +167,15 @@ def run_job(job: JobConfig, address: str | None = None, *, stages: StageFns | No
                 fold += time.perf_counter() - start
         driver["stream"] = time.perf_counter() - tick
         driver["stream_fold"] = fold
-        # 4. one commit per table
+        # 4. the run's commits as one unit (pipeline/intent.py): intent, one commit per table, summary
         tick = time.perf_counter()
-        counts = T.commit_run(out, run_id, _tables(job), replace_ids=_replaced(out, run_id, scan))
-        driver["commit"] = time.perf_counter() - tick
-        summary = _summary(run_id, job, uri, tally, manifest_counts, counts, time.perf_counter() - started, driver)
-        data = json.dumps(summary, indent=2).encode()
-        write_bytes(join(out, "runs", f"{run_id}.json"), data)
-        write_bytes(join(out, "summary.json"), data)
+
+        def complete(counts: dict) -> dict:
+            driver["commit"] = time.perf_counter() - tick
+            return _summary(run_id, job, uri, tally, manifest_counts, counts, time.perf_counter() - started, driver)
+
+        summary = commit_run(out, run_id, list(_tables(job)), complete({}), known_ids=scan.column("image_id"),
+                             complete=complete)
     return summary
 
 
@@ -146,7 +191,7 @@ def _read_manifest(ray, spec: MF.ManifestSpec, shards: list[str], done, job: Job
     todo = items.map_batches(MF.read_shard, batch_size=1, batch_format="pyarrow", num_cpus=0.25,
                              fn_kwargs={"spec": {"uri": spec.uri, "columns": spec.columns}, "done": done,
                                         "tally": tally, "single": len(shards) == 1,
-                                        "storage": job.storage.options}).materialize()
+                                        "storage": _storage(job)}).materialize()
     counts = ray.get(tally.result.remote())
     ray.kill(tally)
     return todo, counts
@@ -176,8 +221,7 @@ def _plan(ray, job: JobConfig, todo, run_id: str, done, fns: StageFns):
     ds = todo.repartition(target_num_rows_per_block=min(ROWS_PER_BLOCK, max(1, n // 8)))
     # several images per load task: fetches are I/O, a batch shares the task's start-up
     ds = ds.map_batches(fns.load, batch_size=8, batch_format=FORMAT, num_cpus=plan["load"]["num_cpus"],
-                        fn_kwargs={"storage": job.storage.options, "claims": claims,
-                                   "timeout_s": job.storage.timeout_s, "retries": job.storage.retries})
+                        fn_kwargs={"storage": _storage(job), "claims": claims})
     # the same CPU share as load, so that Ray Data fuses the two into one task per block
     ds = ds.map_batches(skip_done, batch_size=None, batch_format=FORMAT, num_cpus=plan["load"]["num_cpus"],
                         fn_kwargs={"done": done})
@@ -204,39 +248,34 @@ def _plan(ray, job: JobConfig, todo, run_id: str, done, fns: StageFns):
         # score, finish and stage share a CPU share: Ray Data fuses them into one task per
         # block (a batch size for stage would gather blocks, and fewer score tasks run at once)
         last_cpus, stage_rows = plan["score"]["num_cpus"], None
-        ds = ds.map_batches(fns.finish, batch_size=None, batch_format=FORMAT, num_cpus=last_cpus,
-                            fn_kwargs={"run_id": run_id})
+        ds = ds.map_batches(fns.finish, batch_size=None, batch_format=FORMAT, num_cpus=last_cpus)
     return ds.map_batches(fns.stage, batch_size=stage_rows, batch_format=FORMAT, num_cpus=last_cpus,
-                          fn_kwargs={"out": job.output, "run_id": run_id, "storage": job.storage.options})
+                          fn_kwargs={"out": job.output, "run_id": run_id, "storage": _storage(job)})
 
 
-def _replaced(out: str, run_id: str, scan: pa.Table) -> set[str]:
-    """Ids this run staged that the images table already holds (a failed image retried,
-    a scored one extracted, ``force``): their rows are replaced, the rest appended."""
-    if scan.num_rows == 0:
-        return set()
-    staged = T.staged(out, run_id, "images", R.IMAGES_SCHEMA)
-    if staged is None:
-        return set()
-    ids = staged.to_table(columns=["image_id"]).column("image_id")
-    return set(pc.filter(ids, pc.is_in(ids, value_set=scan.column("image_id"))).to_pylist())
+def _storage(job: JobConfig) -> dict:
+    """The job's storage settings for the stage functions (the actor stages get the whole
+    job): fsspec options, timeout and retries, applied the same way in every worker."""
+    return job.storage.model_dump(mode="json")
 
 
 def _summary(run_id, job, manifest, tally: Tally, mcounts: dict, counts, seconds, driver) -> dict:
-    c = tally.counts
+    c = dict(tally.counts)
     rejected = [{"image_id": m["image_id"], "error": m["error"], "manifest_file": m["manifest_file"],
                  "manifest_row": m["manifest_row"]} for m in mcounts["messages"]]
+    # the manifest's own counts: rejected rows failed, rows already done resumed, repeated URIs duplicates
+    for status, more in ((Status.FAILED, "rejected"), (Status.RESUMED, "done"), (Status.DUPLICATE, "duplicate")):
+        c[status.value] += mcounts[more]
+    shown = [s.value for s in Status if s != Status.SCORED or job.stop_after == "score"]
     return {
         "run_id": run_id, "job": job.name, "manifest": manifest, "output": job.output, "stop_after": job.stop_after,
-        "counts": {"ok": c["ok"], "failed": c["failed"] + mcounts["rejected"], "skipped": c["skipped"],
-                   "resumed": c["resumed"] + mcounts["done"], "duplicate": c["duplicate"],
-                   **({"scored": c[R.SCORED]} if job.stop_after == "score" else {})},
-        "duplicates": tally.duplicates,
+        "counts": {s: c[s] for s in shown},
+        "duplicates": mcounts["duplicates"] + tally.duplicates,  # repeated URIs (manifest), then contents
         "errors": tally.errors + rejected,
         "manifest_rows": mcounts["rows"],
         "seconds": round(seconds, 3), "seconds_per_stage": tally.seconds,
         "driver_seconds": {k: round(v, 3) for k, v in driver.items()},
-        "images_per_hour": round(c["ok"] / seconds * 3600, 2) if seconds > 0 else 0.0,
+        "images_per_hour": round(c[Status.OK.value] / seconds * 3600, 2) if seconds > 0 else 0.0,
         "tables": counts,
     }
 

@@ -6,7 +6,10 @@ Everything that can be wrong is found before anything is sent, each as one line:
    replaces it as in ``ray job submit``). A relative ``working_dir`` is resolved against
    the project the file belongs to (the nearest folder above it holding
    ``pyproject.toml``, else the file's own folder), never the current directory; absent,
-   it is that project. ``.venv/``, ``out/`` and ``.git/`` are always excluded.
+   it is that project. ``.venv/``, ``out/`` and ``.git/`` are always excluded; well-known
+   secret files (``SECRET_EXCLUDES``) are left out unless the job names one with ``!NAME``
+   in its ``excludes`` (gitignore's negation, which Ray's packaging reads too), and the
+   files left out are named in one stderr line.
 2. The upload: the files Ray would package (excludes, ``.gitignore``, ``.rayignore``,
    matched as Ray matches them) must fit the stated limit.
 3. The address (``--address``, else ``RAY_API_SERVER_ADDRESS``, else ``RAY_ADDRESS``) and
@@ -23,8 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-import yaml
-
+from breakscene.config import read_settings_file
 from breakscene.errors import BreakSceneError
 
 from .config import JobConfig
@@ -32,6 +34,23 @@ from .config import JobConfig
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 ALWAYS_EXCLUDE = (".venv/", "out/", ".git/")
+# Files that hold credentials, named as the tools that write them name them (gitignore
+# patterns, at any depth). They go first in ``excludes`` so that a job's own ``!NAME``
+# (later, so it wins) deliberately sends one. No negation here: a ``!`` makes the size
+# check walk excluded folders (see upload_files), so only a job that asks pays for it.
+SECRET_EXCLUDES = (
+    ".env", ".env.*",  # dotenv: API keys by convention
+    ".ssh/", "id_rsa*", "id_dsa*", "id_ecdsa*", "id_ed25519*",  # SSH keys, wherever copied
+    "*.pem", "*.key", "*.p12", "*.pfx", "*.jks", "*.keystore", "*.ppk", ".gnupg/",  # private keys, key stores
+    ".aws/", ".azure/", "**/.config/gcloud/", "application_default_credentials.json", "credentials.json",
+    ".s3cfg", ".boto",  # cloud CLIs (s3fs and boto read .aws/)
+    "**/.kube/config", "**/.docker/config.json", "**/.ray/auth_token", ".vault-token",  # clusters, registries
+    "**/huggingface/token", "**/.huggingface/token", "kaggle.json",  # model and data hubs
+    ".npmrc", ".pypirc", "**/.cargo/credentials*", "**/.gem/credentials", "**/.config/gh/hosts.yml",
+    ".netrc", "_netrc", ".git-credentials",  # package indexes, git hosts (.netrc: also wandb's key)
+    ".pgpass", ".my.cnf",  # database passwords
+)
+SHOWN_WITHHELD = 30  # files named in the stderr line; the rest counted
 # Ray refuses packages over its gRPC message size (512 MiB) only after zipping and
 # uploading; a project's code and job files are a few MiB, so far less means a mistake.
 DEFAULT_MAX_UPLOAD_MIB = 100.0
@@ -75,21 +94,14 @@ def resolve_runtime_env(runtime_env: dict, base: Path) -> dict:
     excludes = env.get("excludes") or []
     if not isinstance(excludes, list) or not all(isinstance(e, str) for e in excludes):
         raise BreakSceneError("runtime_env.excludes must be a list of patterns (as in .gitignore)")
-    env["excludes"] = list(excludes) + [e for e in ALWAYS_EXCLUDE if e not in excludes]
+    env["excludes"] = list(SECRET_EXCLUDES) + list(excludes) + [e for e in ALWAYS_EXCLUDE if e not in excludes]
     return env
 
 
 def read_runtime_env_file(path: str) -> dict:
-    """A runtime_env YAML file, as ``ray job submit --runtime-env`` reads it."""
-    try:
-        data = yaml.safe_load(Path(path).read_text())
-    except OSError as exc:
-        raise BreakSceneError(f"--runtime-env {path} cannot be read: {exc.strerror or exc}") from None
-    except yaml.YAMLError as exc:
-        raise BreakSceneError(f"--runtime-env {path} is not valid YAML: {exc}".replace("\n", " ")) from None
-    if not isinstance(data, dict):
-        raise BreakSceneError(f"--runtime-env {path} must be a mapping (a runtime_env: working_dir, excludes, ...)")
-    return data
+    """A runtime_env YAML file, as ``ray job submit --runtime-env`` reads it (with the job
+    files' bounds: size, alias expansion, depth)."""
+    return read_settings_file(path, "--runtime-env")
 
 
 def job_runtime_env(job: JobConfig, job_file: str, runtime_env_file: str | None = None) -> dict:
@@ -108,7 +120,10 @@ def upload_files(working_dir: str | Path, excludes: list[str]) -> list[tuple[str
     """(relative path, bytes) of every file Ray would package from ``working_dir``:
     ``excludes`` matched from the top, each folder's ``.gitignore`` (unless
     RAY_RUNTIME_ENV_IGNORE_GITIGNORE=1) and ``.rayignore`` from that folder, all with
-    gitignore rules (pathspec's gitwildmatch, as Ray's packaging uses)."""
+    gitignore rules (pathspec's gitwildmatch, as Ray's packaging uses). As in Ray, a
+    folder is skipped when its path matches, and a file when its path does; a folder
+    that only ``dir/`` matches is skipped whole only when no ``!`` pattern could take a
+    file in it back (the same files, without walking ``.venv/``)."""
     from pathspec import PathSpec
 
     root = Path(working_dir)
@@ -119,7 +134,7 @@ def upload_files(working_dir: str | Path, excludes: list[str]) -> list[tuple[str
     def ignored(path: Path, is_dir: bool) -> bool:
         for folder, spec in specs:
             rel = path.relative_to(folder).as_posix()
-            if spec.match_file(rel) or (is_dir and spec.match_file(rel + "/")):
+            if spec.match_file(rel) or (is_dir and spec.match_file(rel + "/") and not has_negation(spec)):
                 return True
         return False
 
@@ -141,6 +156,29 @@ def upload_files(working_dir: str | Path, excludes: list[str]) -> list[tuple[str
 
     walk(root)
     return found
+
+
+def has_negation(spec) -> bool:
+    return any(pattern.include is False for pattern in spec.patterns)
+
+
+def withheld_secrets(runtime_env: dict) -> list[str]:
+    """The files of a local working_dir that only ``SECRET_EXCLUDES`` keeps out of the upload
+    (those the job sends back with ``!NAME`` are not among them)."""
+    wd = runtime_env.get("working_dir")
+    if not wd or "://" in wd:
+        return []
+    excludes = runtime_env.get("excludes") or []
+    sent = {rel for rel, _ in upload_files(wd, excludes)}
+    without = upload_files(wd, [e for e in excludes if e not in SECRET_EXCLUDES])
+    return [rel for rel, _ in without if rel not in sent]
+
+
+def withheld_line(files: list[str]) -> str:
+    shown = ", ".join(files[:SHOWN_WITHHELD]) + (f" and {len(files) - SHOWN_WITHHELD} more"
+                                                  if len(files) > SHOWN_WITHHELD else "")
+    return (f"submit: {len(files)} secret file(s) left out of the upload (send one deliberately with '!NAME' in "
+            f"runtime_env.excludes): {shown}")
 
 
 def check_upload(runtime_env: dict, max_bytes: float) -> tuple[int, int]:
@@ -248,6 +286,9 @@ def submit(job: JobConfig, job_file: str, address: str | None, wait: bool, *, ma
         except ValueError:
             raise BreakSceneError(f"job file {job_file} is outside runtime_env.working_dir {env['working_dir']}: "
                                   "the cluster could not read it") from None
+    withheld = withheld_secrets(env)
+    if withheld:  # after every check: a refused job prints its one error line only
+        print(withheld_line(withheld), file=sys.stderr, flush=True)
     address = resolve_address(address)
     client = connect(address)
     for attempt in range(SUBMIT_TRIES):
@@ -298,11 +339,12 @@ def job_exit_status(client, job_id: str, poll_seconds: float = 2.0) -> int:
 
 
 def exit_status(status: str, message: str | None, driver_exit_code: int | None = None) -> int:
-    """0 when the job succeeded; the entrypoint's own 2 or 3 (bad input, too many failed
-    rows) when Ray reports it (JobInfo.driver_exit_code, else its message); else 1."""
+    """0 when the job succeeded; the entrypoint's own 2, 3 or 4 (bad input, too many failed
+    rows, an output that stopped taking writes) when Ray reports it (JobInfo.driver_exit_code,
+    else its message); else 1."""
     if status == "SUCCEEDED":
         return 0
     if driver_exit_code is None:
         found = re.search(r"exit code (\d+)", message or "")
         driver_exit_code = int(found.group(1)) if found else None
-    return driver_exit_code if driver_exit_code in (2, 3) else 1
+    return driver_exit_code if driver_exit_code in (2, 3, 4) else 1

@@ -7,7 +7,8 @@ Spark without this project. Iceberg gives the same guarantees but needs a catalo
 for commits on an object store; Delta's log is plain files under the table.
 
 A run's rows are written as Parquet by the workers into ``OUT/_staging/<run_id>/<table>/``
-(``stage_rows``); the driver commits them once at the end (``commit_run``):
+(``stage_rows``); the driver commits them once at the end, all tables as one unit
+(``pipeline/intent.py``):
 - images the tables do not hold yet are appended (no scan of the table);
 - images the tables already hold (a failed image retried, a scored image extracted,
   ``force``) are replaced in the same commit by a ``merge``: the image's new row updates
@@ -20,14 +21,13 @@ from __future__ import annotations
 import io
 import uuid
 
-import fsspec
 import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
-from breakscene.storage import filesystem, join, remove, write_bytes
+from breakscene.storage import S3_PROTOCOLS, filesystem, io_settings, join, remove, s3_settings, write_bytes
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3  # 3: masks.mask_uri (tables of version 2 are read and appended to as they are)
 STAGING = "_staging"
 # merge keys: one current row per image, per (image, mask), per (image, concept)
 KEYS = {"images": ("image_id",), "masks": ("image_id", "mask_index"), "concepts": ("image_id", "concept_index")}
@@ -44,27 +44,27 @@ def table_uri(out: str, name: str) -> str:
 
 
 def delta_options(uri: str) -> dict | None:
-    """delta-rs storage options for ``uri`` from this process's fsspec settings
-    (``breakscene.storage.configure``): an S3 endpoint, keys, region. Environment
-    credentials (AWS_*) are read by delta-rs itself."""
-    if not uri.startswith(("s3://", "s3a://")):
+    """delta-rs storage options for ``uri``: the endpoint, region and credentials that
+    s3fs and the lease use too (``storage.s3_settings``: the job file, then the AWS
+    environment, profile and instance credentials), and the same timeouts and retries."""
+    if not uri.startswith(tuple(f"{p}://" for p in S3_PROTOCOLS)):
         return None
-    conf = fsspec.config.conf.get("s3", {})
-    client = conf.get("client_kwargs", {}) or {}
-    opts = {}
-    for ours, theirs in (("key", "AWS_ACCESS_KEY_ID"), ("secret", "AWS_SECRET_ACCESS_KEY"),
-                         ("token", "AWS_SESSION_TOKEN")):
-        if conf.get(ours):
-            opts[theirs] = str(conf[ours])
-    endpoint = client.get("endpoint_url") or conf.get("endpoint_url")
-    if endpoint:
-        opts["AWS_ENDPOINT_URL"] = endpoint
-        if endpoint.startswith("http://"):
-            opts["AWS_ALLOW_HTTP"] = "true"
-    region = client.get("region_name") or conf.get("region_name")
-    if region or endpoint:
-        opts["AWS_REGION"] = region or "us-east-1"
-    return opts or None
+    found = s3_settings(credentials=True)
+    timeout, retries = io_settings()
+    ms = f"{max(1, round(timeout * 1000))}ms"
+    opts = {"timeout": ms, "connect_timeout": ms, "max_retries": str(retries)}
+    for ours, theirs in (("endpoint_url", "AWS_ENDPOINT_URL"), ("region", "AWS_REGION"), ("key", "AWS_ACCESS_KEY_ID"),
+                         ("secret", "AWS_SECRET_ACCESS_KEY"), ("token", "AWS_SESSION_TOKEN")):
+        if found.get(ours):
+            opts[theirs] = str(found[ours])
+    endpoint = found["endpoint_url"] or ""
+    if endpoint.startswith("http://"):
+        opts["AWS_ALLOW_HTTP"] = "true"  # delta-rs refuses plain http unless told (s3fs does not)
+    if endpoint and not found["region"]:
+        opts["AWS_REGION"] = "us-east-1"  # signing needs one; S3-compatible servers accept it
+    if found["anon"]:
+        opts["AWS_SKIP_SIGNATURE"] = "true"
+    return opts
 
 
 def open_table(out: str, name: str, version: int | None = None):
@@ -88,9 +88,13 @@ def read_table(out: str, name: str, schema: pa.Schema, *, version: int | None = 
 
 
 def schema_version(out: str, name: str) -> int | None:
+    """The schema version the table was created with (later columns are added by the
+    commits of later versions, each of which records its own version)."""
     dt = open_table(out, name)
-    if dt is None:
-        return None
+    return None if dt is None else _created_version(dt)
+
+
+def _created_version(dt) -> int | None:
     field = dt.schema().to_arrow().field("image_id")
     meta = field.metadata or {}
     return int(meta.get(b"breakscene.schema_version", meta.get("breakscene.schema_version", 0)) or 0) or None
@@ -143,11 +147,11 @@ def commit(out: str, name: str, schema: pa.Schema, source, *, run_id: str, repla
             dt.delete(f"image_id IN ({_sql_list(replace_ids)})", commit_properties=_commit_properties(run_id))
         return
 
-    schema = _field_versioned(schema)
+    dt = open_table(out, name)
+    schema = _field_versioned(schema, SCHEMA_VERSION if dt is None else _created_version(dt))
     reader = _reader(source, schema)
     uri = table_uri(out, name)
     opts = delta_options(uri)
-    dt = open_table(out, name)
     props = _commit_properties(run_id)
     if dt is None or not replace_ids:
         # new images only: an append adds files without reading the table
@@ -166,11 +170,15 @@ def commit(out: str, name: str, schema: pa.Schema, source, *, run_id: str, repla
     merger.execute()
 
 
-def _field_versioned(schema: pa.Schema) -> pa.Schema:
+def _field_versioned(schema: pa.Schema, version: int | None) -> pa.Schema:
     """Delta keeps field metadata in its log (not Parquet schema metadata): the schema
-    version travels on the key column."""
+    version the table was created with travels on the key column. An existing table keeps
+    its own (delta-rs refuses to merge a field whose metadata differs), so a newer version
+    appends its added columns to an older table."""
     i = schema.get_field_index("image_id")
-    field = schema.field(i).with_metadata({"breakscene.schema_version": str(SCHEMA_VERSION)})
+    field = schema.field(i)
+    if version is not None:
+        field = field.with_metadata({"breakscene.schema_version": str(version)})
     return schema.set(i, field)
 
 
@@ -184,22 +192,6 @@ def _reader(source, schema: pa.Schema) -> pa.RecordBatchReader:
     return pa.RecordBatchReader.from_batches(schema, (b.cast(schema) for b in batches if b.num_rows))
 
 
-def commit_run(out: str, run_id: str, tables: dict[str, pa.Schema], *, replace_ids=()) -> dict[str, int]:
-    """Commit everything this run staged, table by table (images last, so that a
-    reader who sees an image's current row also finds its masks and concepts), then
-    remove the staging area. Returns each table's current row count."""
-    for name in sorted(tables, key=lambda n: n == "images"):
-        commit(out, name, tables[name], staged(out, run_id, name, tables[name]), run_id=run_id,
-               replace_ids=replace_ids)
-    remove(staging_dir(out, run_id))
-    fs, root = filesystem(join(out, STAGING))
-    try:
-        fs.rmdir(root)  # only when no other run's staging is left
-    except (OSError, NotImplementedError):
-        pass
-    return counts(out, tables)
-
-
 def counts(out: str, tables) -> dict[str, int]:
     result = {}
     for name in tables:
@@ -208,15 +200,16 @@ def counts(out: str, tables) -> dict[str, int]:
     return result
 
 
-def clear_staging(out: str, keep: str | None = None) -> int:
-    """Remove staging areas left by runs that died before committing (the lease makes
-    sure none of them is still running). Returns how many were removed."""
+def clear_staging(out: str, keep=()) -> int:
+    """Remove staging areas left by runs that died before writing their commit intent (the
+    lease makes sure none of them is still running); those named in ``keep`` (runs with an
+    intent, to be rolled forward) stay. Returns how many were removed."""
     fs, root = filesystem(join(out, STAGING))
     if not fs.exists(root):
         return 0
     removed = 0
     for path in fs.ls(root, detail=False):
-        if path.rstrip("/").rsplit("/", 1)[-1] != keep:
+        if path.rstrip("/").rsplit("/", 1)[-1] not in keep:
             fs.rm(path, recursive=True)
             removed += 1
     return removed
@@ -240,4 +233,4 @@ def compact(out: str, names, *, retention_hours: int = DEFAULT_RETENTION_HOURS) 
 
 
 __all__ = ["SCHEMA_VERSION", "KEYS", "table_uri", "delta_options", "open_table", "read_table", "stage_rows",
-           "commit", "commit_run", "counts", "clear_staging", "compact", "schema_version"]
+           "commit", "counts", "clear_staging", "compact", "schema_version"]

@@ -14,6 +14,7 @@ import time
 
 import numpy as np
 
+from breakscene.errors import BreakSceneError
 from breakscene.storage import join
 from pipeline.artifacts import write_json
 from pipeline.cluster import auto_gpus, init_ray
@@ -78,7 +79,8 @@ def run_study(cfg: StudyConfig, address: str | None = None) -> dict:
     started = time.perf_counter()
     scenes = collect_scenes(cfg.scenes)
     if not scenes:
-        raise ValueError("the study has no scene: set scenes.generated, scenes.manifest or scenes.coco")
+        raise BreakSceneError("the study found no scene in its sources (an empty manifest, or no COCO image "
+                              "passing the scene filter): nothing to measure")
     cells = build_cells(cfg, scenes)
     claim_output_folder(cfg.output, "study")
     with Lease(cfg.output, f"study {cfg.name}"):  # one study at a time per output

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-import json
 from dataclasses import asdict
 from typing import Literal
 
@@ -14,6 +13,7 @@ from pydantic import Field, field_validator, model_validator
 from breakscene.config import ExtractConfig, StrictModel
 from robustness.evaluation import EvalConfig
 from breakscene.noise import FAMILIES
+from breakscene.strictjson import to_json
 from pipeline.config import ModelConfig, ResourcesConfig, SegmenterConfig, StorageConfig
 
 from .groundtruth import SceneSources, StudyScene
@@ -61,9 +61,12 @@ class StudyConfig(StrictModel):
     runtime_env: dict = Field(default_factory=dict)
 
     @model_validator(mode="after")
-    def _axes(self) -> "StudyConfig":
+    def _axes_and_scenes(self) -> "StudyConfig":
         for combo in axis_combos(self.axes):  # every combination must be a valid ExtractConfig
             ExtractConfig.model_validate({**self.extract.model_dump(), **combo})
+        if self.scenes.is_empty():
+            raise ValueError("the study has no scenes: set scenes.generated (a count of generated scenes), "
+                             "scenes.manifest (a URI, or {uri, columns}: rows with mask_uris) or scenes.coco")
         return self
 
 
@@ -73,7 +76,7 @@ def axis_combos(axes: dict[str, list]) -> list[dict]:
 
 
 def cell_id(cfg: StudyConfig, scene_id: str, family: str, severity: float, seed: int, axis: dict) -> str:
-    payload = json.dumps([scene_id, family, severity, seed, axis, cfg.model.model_dump(),
+    payload = to_json([scene_id, family, severity, seed, axis, cfg.model.model_dump(),
                           cfg.extract.model_dump(mode="json"), cfg.evaluation.model_dump()], sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
@@ -91,6 +94,6 @@ def build_cells(cfg: StudyConfig, scenes: list[StudyScene]) -> list[dict]:
     for scene, axis in itertools.product(scenes, axis_combos(cfg.axes)):
         for family, severity, seed in noise_settings(cfg.noise):
             cells.append({"cell_id": cell_id(cfg, scene.scene_id, family, severity, seed, axis),
-                          "scene": json.dumps(asdict(scene)), "family": family, "severity": severity, "seed": seed,
-                          "axis": json.dumps(axis, sort_keys=True)})
+                          "scene": to_json(asdict(scene)), "family": family, "severity": severity, "seed": seed,
+                          "axis": to_json(axis, sort_keys=True)})
     return cells

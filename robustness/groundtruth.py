@@ -14,6 +14,7 @@ from breakscene.errors import SceneError
 from breakscene.scene import decode_image, load_mask_image, mask_from_image
 from breakscene.storage import read_bytes
 from breakscene.synthetic import generated_scene, png_bytes, scene_labels
+from pipeline.config import ManifestConfig
 from pipeline.manifest import read_manifest
 
 
@@ -39,10 +40,16 @@ class CocoSource(StrictModel):
 
 
 class SceneSources(StrictModel):
+    """Where the study's scenes come from (a study needs at least one). ``manifest`` is the same spec
+    as an extraction job's (a URI, or ``{uri, columns}``), its rows with ``mask_uris``."""
+
     generated: int = Field(0, ge=0)
     generated_size: int = Field(256, ge=64)
-    manifest: str | None = None
+    manifest: ManifestConfig | None = None
     coco: CocoSource | None = None
+
+    def is_empty(self) -> bool:
+        return not (self.generated or self.manifest or self.coco)
 
 
 def coco_scenes(src: CocoSource) -> list[StudyScene]:
@@ -72,7 +79,7 @@ def collect_scenes(src: SceneSources) -> list[StudyScene]:
     scenes = [StudyScene(scene_id=f"generated{i}", image_uri=None, generated_seed=i, generated_size=src.generated_size,
                          labels=scene_labels()) for i in range(src.generated)]
     if src.manifest:
-        for row in read_manifest(src.manifest):
+        for row in read_manifest(src.manifest.uri, dict(src.manifest.columns)):
             scenes.append(StudyScene(scene_id=row["image_id"] or f"row{row['manifest_row']}", image_uri=row["image_uri"],
                                      mask_uris=row["mask_uris"], labels=row["labels"]))
     if src.coco:

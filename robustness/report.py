@@ -9,6 +9,11 @@ HTML page (figures embedded), the figures as PNG, and a Markdown summary.
   interpolation between bins; "not reached" when the noisiest bin is still within 10%.
 - A table per family and axis setting (cells, mean mask IoU, mean of each metric).
 - Sample grids (each bundle's grid.png) side by side across severities for a few scenes.
+  The page is meant to be shared, and a measurement row's ``grid_uri`` is only a string:
+  a grid is embedded only when it lies inside the study's output (symlinks resolved) and
+  is a PNG (its signature, then decoded), and then only its pixels, encoded afresh (no
+  text chunks). Any other is left out, listed in report.json, summary.md, the page (cell
+  and reason) and one warning line.
 
 The bands are ``scipy.stats.bootstrap`` (percentile method); the page is the Jinja2
 template ``templates/report.html.j2``, which lists figures from ``_figures`` (one entry per
@@ -18,13 +23,21 @@ from __future__ import annotations
 
 import base64
 import io
-import json
+import logging
+import os
+import posixpath
 from pathlib import Path
 
+import fsspec
 import numpy as np
 import pandas as pd
 
+from breakscene.errors import BreakSceneError
 from breakscene.storage import exists, folder_state, join, read_bytes, refuse_foreign
+from breakscene.strictjson import to_json
+
+log = logging.getLogger(__name__)
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 # metric -> (label, higher is better)
 METRICS = {
@@ -173,20 +186,76 @@ def family_table(ok: pd.DataFrame, metrics: list[str]) -> pd.DataFrame:
     return table.rename(columns={"cell_id": "cells"})
 
 
-def sample_grids(ok: pd.DataFrame, n_scenes: int = 2) -> list[tuple[str, list[tuple[str, bytes]]]]:
-    """Per scene: (severity label, grid PNG) for the clean cell and each family's severities."""
-    out = []
+def study_root(results_uri: str) -> str:
+    """The study's output: the URI given, or for its table OUT/measurements/part-0.parquet
+    that OUT (any other Parquet file: the folder holding it)."""
+    if not results_uri.endswith(".parquet"):
+        return results_uri
+    folder = posixpath.dirname(results_uri) or "."
+    return (posixpath.dirname(folder) or ".") if posixpath.basename(folder) == "measurements" else folder
+
+
+def located(uri: str) -> tuple[str, str]:
+    """(protocol, normalised path); a local path absolute with its symlinks resolved, so
+    that a link inside the output is judged by where it points."""
+    protocol, path = fsspec.core.split_protocol(uri)
+    if protocol in (None, "file", "local"):
+        return "file", os.path.realpath(path)
+    return protocol, posixpath.normpath("/" + path)
+
+
+def inside(uri: str, root: str) -> str | None:
+    """The URI to read ``uri`` from when it lies inside ``root``, else None."""
+    (protocol, path), (root_protocol, root_path) = located(uri), located(root)
+    if protocol != root_protocol or not path.startswith(root_path.rstrip("/") + "/"):
+        return None
+    return path if protocol == "file" else f"{protocol}://{path.lstrip('/')}"
+
+
+def grid_png(grid_uri: str, root: str) -> tuple[bytes | None, str]:
+    """(the grid's pixels as a fresh PNG, "") or (None, why it is left out)."""
+    from PIL import Image
+
+    uri = inside(grid_uri, root)
+    if uri is None:
+        return None, "outside the study output"
+    try:
+        data = read_bytes(uri)
+    except FileNotFoundError:
+        return None, "missing"
+    except (OSError, BreakSceneError) as exc:
+        return None, f"cannot be read: {exc}"
+    if not data.startswith(PNG_SIGNATURE):
+        return None, "not a PNG file"
+    try:
+        with Image.open(io.BytesIO(data), formats=["PNG"]) as image:
+            pixels = np.asarray(image.convert("RGB"))
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        return None, f"not a readable PNG ({exc})"
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return buf.getvalue(), ""
+
+
+def sample_grids(ok: pd.DataFrame, root: str, n_scenes: int = 2) -> tuple[list, list[dict]]:
+    """Per scene: (severity label, grid PNG) for the clean cell and each family's
+    severities; and the grids left out ({cell_id, scene_id, grid_uri, reason})."""
+    out, skipped = [], []
     for scene_id in sorted(ok["scene_id"].unique())[:n_scenes]:
         cells = ok[(ok["scene_id"] == scene_id) & (ok["grid_uri"].fillna("") != "")].drop_duplicates("cell_id")
         images = []
         for _, row in cells.sort_values(["family", "severity"]).iterrows():
-            try:
-                images.append((f"{row['family']} {row['severity']:.2f} (IoU {row['mask_iou']:.2f})",
-                               read_bytes(row["grid_uri"])))
-            except FileNotFoundError:
+            png, reason = grid_png(row["grid_uri"], root)
+            if png is None:
+                skipped.append({"cell_id": row["cell_id"], "scene_id": scene_id, "grid_uri": row["grid_uri"],
+                                "reason": reason})
                 continue
+            images.append((f"{row['family']} {row['severity']:.2f} (IoU {row['mask_iou']:.2f})", png))
         out.append((scene_id, images))
-    return out
+    if skipped:
+        log.warning("%d sample grid(s) left out: %s", len(skipped),
+                    "; ".join(f"{g['grid_uri']} ({g['reason']})" for g in skipped))
+    return out, skipped
 
 
 def build_report(results_uri: str, out_dir: str | Path) -> dict:
@@ -211,19 +280,20 @@ def build_report(results_uri: str, out_dir: str | Path) -> dict:
         (out_dir / "figures" / "predicted_quality.png").write_bytes(png)
         figures["predicted_quality"] = png
     table = family_table(ok, metrics)
-    grids = sample_grids(ok)
+    grids, skipped_grids = sample_grids(ok, study_root(results_uri))
     threshold_rows = [{"metric": m, **{f: ("not reached" if v is None else round(v, 3)) for f, v in t.items()}}
                       for m, t in thresholds.items()]
-    (out_dir / "summary.md").write_text(_markdown(df, ok, skipped, threshold_rows, table))
-    (out_dir / "index.html").write_text(_html(results_uri, df, ok, skipped, figures, threshold_rows, table, grids))
+    (out_dir / "summary.md").write_text(_markdown(df, ok, skipped, threshold_rows, table, skipped_grids))
+    (out_dir / "index.html").write_text(_html(results_uri, df, ok, skipped, figures, threshold_rows, table,
+                                              (grids, skipped_grids)))
     summary = {"rows": len(df), "ok_rows": len(ok), "skipped_cells": len(skipped), "metrics": metrics,
                "families": families, "iou_at_10pct_loss": thresholds,
-               "predicted_quality_spearman": quality_spearman}
-    (out_dir / "report.json").write_text(json.dumps(summary, indent=2))
+               "predicted_quality_spearman": quality_spearman, "skipped_grids": skipped_grids}
+    (out_dir / "report.json").write_text(to_json(summary, indent=2))
     return summary
 
 
-def _markdown(df, ok, skipped, threshold_rows, table) -> str:
+def _markdown(df, ok, skipped, threshold_rows, table, skipped_grids) -> str:
     lines = ["# Noisy-mask robustness report", "",
              f"{df['cell_id'].nunique()} cells, {ok['scene_id'].nunique()} scenes, {len(ok)} concept measurements; "
              f"{len(skipped)} cells left out of the statistics.", "",
@@ -232,6 +302,8 @@ def _markdown(df, ok, skipped, threshold_rows, table) -> str:
     if len(skipped):
         lines += ["## Left out", "", skipped[["cell_id", "scene_id", "family", "severity", "reason"]]
                   .to_markdown(index=False), ""]
+    if skipped_grids:
+        lines += ["## Sample grids left out", "", pd.DataFrame(skipped_grids).to_markdown(index=False), ""]
     return "\n".join(lines)
 
 
@@ -247,13 +319,16 @@ def _figures(figures: dict[str, bytes]) -> list[dict]:
             for metric, png in figures.items()]
 
 
-def _html(results_uri, df, ok, skipped, figures, threshold_rows, table, grids) -> str:
+def _html(results_uri, df, ok, skipped, figures, threshold_rows, table, grids_and_skipped) -> str:
     from jinja2 import Environment, PackageLoader, select_autoescape
     from markupsafe import Markup
 
     env = Environment(loader=PackageLoader("robustness", "templates"), autoescape=select_autoescape(["j2"]),
                       trim_blocks=True, lstrip_blocks=True)
     left_out = skipped[["cell_id", "scene_id", "family", "severity", "reason"]] if len(skipped) else None
+    grids, skipped_grids = grids_and_skipped
+    # the page is shared: cell and reason only, the paths are in report.json and summary.md
+    grids_left_out = pd.DataFrame(skipped_grids)[["cell_id", "scene_id", "reason"]] if skipped_grids else None
     return env.get_template("report.html.j2").render(
         results_uri=results_uri, n_cells=df["cell_id"].nunique(), n_scenes=ok["scene_id"].nunique(),
         n_measurements=len(ok), n_skipped=len(skipped),
@@ -262,5 +337,6 @@ def _html(results_uri, df, ok, skipped, figures, threshold_rows, table, grids) -
         figures=_figures(figures), family_table=Markup(table.round(4).to_html(index=False)),
         grids=[{"scene_id": scene_id, "images": [{"label": label, "src": _data_uri(data)} for label, data in images]}
                for scene_id, images in grids],
-        skipped_table=Markup(left_out.to_html(index=False)) if left_out is not None else None)
+        skipped_table=Markup(left_out.to_html(index=False)) if left_out is not None else None,
+        skipped_grids_table=Markup(grids_left_out.to_html(index=False)) if grids_left_out is not None else None)
 

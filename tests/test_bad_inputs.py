@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pytest
 import yaml
 from PIL import Image
@@ -195,15 +194,16 @@ def test_extract_says_what_happened_to_a_remote_image(tmp_path, capsys, monkeypa
 
 
 def test_load_images_fails_only_the_rows_that_time_out(tmp_path):
-    from pipeline.stages import initial_row, load_images
+    from pipeline.row import new_row, to_batch
+    from pipeline.stages import load_images
 
     write_scene(tmp_path / "s")
     with silent_server() as silent, status_server(500) as (broken, _):
         uris = [f"{silent}/a.png", str(tmp_path / "s" / "img.png"), f"{broken}/b.png", f"{refused_url()}/c.png"]
-        rows = [initial_row({"image_uri": u, "image_id": f"id{i}", "mask_uris": [], "labels": [],
+        rows = [new_row(**{"image_uri": u, "image_id": f"id{i}", "mask_uris": [], "labels": [],
                              "gt_mask_uris": [], "manifest_row": i}) for i, u in enumerate(uris)]
         start = time.perf_counter()
-        out = load_images(pd.DataFrame(rows), {}, timeout_s=0.5, retries=1).to_dict("records")
+        out = load_images(to_batch(rows), {"timeout_s": 0.5, "retries": 1}).to_pylist()
         seconds = time.perf_counter() - start
     assert [r["status"] for r in out] == ["failed", "ok", "failed", "failed"]
     assert f"{silent}/a.png" in out[0]["error"] and "timed out: no answer within 0.5 s" in out[0]["error"]

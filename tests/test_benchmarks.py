@@ -2,13 +2,14 @@
 import argparse
 
 import pytest
+import torch
 
 from benchmarks.__main__ import bench_extract, bench_sam, table
 
 
 def test_extract_benchmark_runs_with_baseline_and_parity():
     args = argparse.Namespace(model="tiny", steps=2, class_images=2, class_steps=1, modes=["full", "lora"],
-                              no_baseline=False, grid_seeds=1)
+                              no_baseline=False, grid_seeds=1, rounds=1, block=2, realistic=False)
     result = bench_extract(args)
     assert set(result["ours"]) == {"full", "lora"}
     full = result["ours"]["full"]
@@ -17,9 +18,44 @@ def test_extract_benchmark_runs_with_baseline_and_parity():
     assert result["grid"]["images"] == 4 and result["grid"]["sequential_ddim_25_s"] > 0
     assert result["ours"]["full"]["phase1"] > 0 and result["authors"]["phase2"] > 0
     assert set(result["speedup_vs_authors"]) == {"phase1", "phase2", "scene_total"}
-    # same batch, our attention processors vs explicit softmax everywhere
+    # same batch, our attention processors vs the authors' controller in every layer
     assert result["step1_loss"]["abs_diff"] < 1e-4 * abs(result["step1_loss"]["ours"])
     assert "speedup_vs_authors.phase1" in table("extract", result)
+    for phase in ("phase1", "phase2"):  # bare step, the extraction's loop and the authors' loop, paired
+        row = result["per_step"][phase]
+        assert row["bare_ms"] > 0 and row["loop_ms"] > 0 and row["authors_ms"] > 0
+        assert row["loop_overhead_ms"] == pytest.approx(row["loop_ms"] - row["bare_ms"], abs=0.02)
+        assert row["speedup_vs_authors"] == pytest.approx(row["authors_ms"] / row["loop_ms"], rel=0.01)
+        assert row["extract_run_ms"] > 0 and row["authors_run_ms"] > 0
+
+
+def test_authors_flow_does_the_scripts_per_step_work(tiny_extractor, examples, tmp_path, monkeypatch):
+    """Per step: a class image read from its file, both prompts tokenised, every layer's
+    probabilities copied by the controller; its losses match ours on the same weights."""
+    import benchmarks.authors_flow as A
+    from breakscene.config import ExtractConfig
+    from breakscene.scene import load_scene_dir
+
+    cfg = ExtractConfig(prior={"num_class_images": 2, "generation_steps": 1}, grid_seeds=0)
+    prepared = tiny_extractor.prepare(load_scene_dir(examples / "bear"), cfg)
+    files = A.generate_class_files(tiny_extractor, cfg, 64, tmp_path)
+    assert [f.suffix for f in files] == [".jpg", ".jpg"]
+    opened, tokenized = [], []
+    monkeypatch.setattr(A.Image, "open", lambda path, open_=A.Image.open: opened.append(path) or open_(path))
+    flow = A.AuthorsFlow(tiny_extractor, prepared, files, cfg)
+    tokenize = flow.tokenize
+    monkeypatch.setattr(flow, "tokenize", lambda text: tokenized.append(text) or tokenize(text))
+    tiny_extractor.models.unet.train()
+    try:
+        with flow.installed():
+            result = flow.run_phase("authors phase 1", 3, flow.setup("phase1"))
+            assert len(flow.store.maps) == 0  # emptied after each backward, as the script does
+    finally:
+        tiny_extractor.reset()
+        tiny_extractor.models.unet.eval()
+    assert len(opened) == 3 and set(opened) <= set(files)
+    assert len(tokenized) == 6 and tokenized.count(cfg.prior.class_prompt) == 3
+    assert result.losses.shape == (3, 4) and torch.isfinite(result.losses).all()
 
 
 def test_sam_benchmark_runs():
@@ -44,8 +80,9 @@ def test_levers_benchmark_flips_each_lever_alone():
 
     result = bench_levers(argparse.Namespace(model="tiny", steps=1, rounds=1, compile=False))
     assert set(result["levers"]) == {"cached_latents", "loss_layers_only", "frozen_weights_phase1",
-                                     "fused_optimizer", "no_host_sync", "channels_last", "gradient_checkpointing"}
-    assert "CUDA only" in result["bf16_autocast"]
+                                     "multi_tensor_optimizer", "no_host_sync", "channels_last",
+                                     "gradient_checkpointing"}
+    assert "CUDA only" in result["bf16_autocast"] and "CUDA only" in result["cuda_graphs"]
     assert set(result["levers"]["frozen_weights_phase1"]) == {"what", "phase1_ms_with", "phase1_ms_without",
                                                               "phase1_gain"}
     for row in result["levers"].values():

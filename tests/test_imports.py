@@ -105,3 +105,13 @@ def test_job_config_imports_no_torch():
             "print(sorted(m for m in ('torch', 'diffusers', 'transformers', 'ray') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_the_package_face_exports_what_users_import_without_loading_torch_early():
+    code = ("import sys, breakscene; assert 'torch' not in sys.modules, 'import breakscene loaded torch'; "
+            "from breakscene import Extractor, ExtractConfig, ExtractionResult, TrainedScene, load_scene, "
+            "load_scene_dir, load_bundle_pipeline; "
+            "assert Extractor.__module__ == 'breakscene.extractor' and callable(load_bundle_pipeline); "
+            "assert set(breakscene.__all__) >= {'Extractor', 'ExtractConfig', 'ExtractionResult', 'load_scene'}")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]

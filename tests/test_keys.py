@@ -4,7 +4,6 @@ import hashlib
 import json
 import re
 
-import pandas as pd
 import pytest
 
 from breakscene.storage import join
@@ -12,7 +11,8 @@ from conftest import quick_config, write_scene
 from pipeline import records as R
 from pipeline.config import JobConfig
 from pipeline.keys import id_problem, storage_key
-from pipeline.stages import Extract, Segment, initial_row, load_images, score_and_select
+from pipeline.row import new_row, to_batch
+from pipeline.stages import Extract, Segment, load_images, score_and_select
 
 HOSTILE = [".", "..", "a/b", "../../x", "y" * 1000, "Cat", "cat", "猫 café/ü", "a\\b", ".hidden", "con", "a--b",
            "x.tmp-1234", "-rf", " padded "]
@@ -80,10 +80,10 @@ def test_hostile_ids_through_the_real_stages_touch_nothing_outside_the_output(tm
     job = JobConfig(output=str(out), manifest="m.jsonl", model={"id": "tiny"},
                     extract=quick_config(phase1_steps=1, phase2_steps=1, grid_seeds=0,
                                          prior={"enabled": False})).model_dump(mode="json")
-    rows = [initial_row({"image_uri": str(scene / "img.png"), "image_id": i, "mask_uris": [str(scene / "mask0.png")],
+    rows = [new_row(**{"image_uri": str(scene / "img.png"), "image_id": i, "mask_uris": [str(scene / "mask0.png")],
                          "labels": [], "gt_mask_uris": [], "manifest_row": n}) for n, i in enumerate(ids)]
-    batch = score_and_select(Segment(job)(load_images(pd.DataFrame(rows), {})), job)
-    done = Extract(job, run_id="r1")(batch).to_dict("records")
+    batch = score_and_select(Segment(job)(load_images(to_batch(rows), {})), job)
+    done = Extract(job, run_id="r1")(batch).to_pylist()
     assert [r["status"] for r in done] == ["ok"] * len(ids), [r["error"] for r in done]
 
     # nothing outside the output changed, nothing new appeared beside it

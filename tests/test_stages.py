@@ -3,20 +3,23 @@ import io
 import json
 
 import numpy as np
-import pandas as pd
 import pytest
 from PIL import Image
 
 from breakscene import masks as M
+from pipeline import records as R
+from pipeline import tables as T
 from pipeline.config import JobConfig
 from pipeline.jobfile import load_job
-from pipeline.stages import Extract, Segment, initial_row, load_images, score_and_select
+from pipeline.row import new_row, to_batch
+from pipeline.stages import Extract, Segment, load_images, score_and_select
+from pipeline.staging import stage_tables
 from breakscene.errors import BreakSceneError
 from conftest import write_scene
 
 
 def _row(uri, **kw):
-    return initial_row({"image_uri": str(uri), "image_id": kw.get("image_id"), "mask_uris": kw.get("masks", []),
+    return new_row(**{"image_uri": str(uri), "image_id": kw.get("image_id"), "mask_uris": kw.get("masks", []),
                         "labels": [], "gt_mask_uris": kw.get("gt", []), "manifest_row": 0})
 
 
@@ -29,14 +32,14 @@ def test_load_records_bad_images_and_hashes_good_ones(tmp_path, examples):
     Image.new("RGB", (8, 8)).save(tmp_path / "anim.gif")
     rows = [_row(examples / "bear" / "img.jpg"), _row(tmp_path / "missing.png"), _row(tmp_path / "corrupt.jpg"),
             _row(tmp_path / "anim.gif", image_id="given")]
-    out = load_images(pd.DataFrame(rows), {}).to_dict("records")
+    out = load_images(to_batch(rows), {}).to_pylist()
     assert out[0]["status"] == "ok" and (out[0]["width"], out[0]["height"]) == (512, 512)
     assert len(out[0]["image_id"]) == 16 and out[0]["image_bytes"][:2] == b"\xff\xd8"
     assert out[1]["status"] == "failed" and "missing.png does not exist" in out[1]["error"]
     assert out[1]["image_id"].startswith("uri-")
     assert out[2]["status"] == "failed" and "corrupt.jpg cannot be decoded" in out[2]["error"]
     assert out[3]["status"] == "failed" and "unsupported format GIF" in out[3]["error"] and out[3]["image_id"] == "given"
-    assert all("load" in json.loads(r["timings"]) for r in out)
+    assert all(r["timings"]["load"] > 0 for r in out)
 
 
 def test_user_masks_are_scored_and_all_selected(tmp_path):
@@ -45,17 +48,18 @@ def test_user_masks_are_scored_and_all_selected(tmp_path):
     job = _job(tmp_path)
     row = _row(scene / "img.png", masks=[str(scene / "mask0.png"), str(scene / "mask1.png")],
                gt=[str(scene / "mask0.png")])
-    batch = load_images(pd.DataFrame([row]), {})
+    batch = load_images(to_batch([row]), {})
     batch = Segment(job)(batch)
-    out = score_and_select(batch, job).to_dict("records")[0]
+    out = score_and_select(batch, job).to_pylist()[0]
     assert out["status"] == "ok", out["error"]
-    masks = json.loads(out["masks"])
+    masks = out["masks"]
     assert [m["source"] for m in masks] == ["user", "user"]
+    assert [m["mask_uri"] for m in masks] == [str(scene / "mask0.png"), str(scene / "mask1.png")]
     assert M.decode_rle(masks[0]["rle"]).sum() == 25 * 25
-    assert "mask1.png is 32x32 but its image is 64x64: resized" in json.loads(out["warnings"])[0]
-    feats = json.loads(out["features"])
+    assert "mask1.png is 32x32 but its image is 64x64: resized" in out["warnings"][0]
+    feats = out["features"]
     assert feats[0]["gt_iou"] == 1.0 and feats[1]["gt_iou"] == 0.0
-    assert json.loads(out["selected"]) == [0, 1]
+    assert out["selected"] == [0, 1]
 
 
 def test_empty_user_mask_fails_the_row(tmp_path):
@@ -63,8 +67,8 @@ def test_empty_user_mask_fails_the_row(tmp_path):
     Image.fromarray(np.zeros((64, 96), np.uint8)).save(scene / "mask1.png")
     job = _job(tmp_path)
     row = _row(scene / "img.png", masks=[str(scene / "mask0.png"), str(scene / "mask1.png")])
-    batch = load_images(pd.DataFrame([row]), {})
-    out = Segment(job)(batch).to_dict("records")[0]
+    batch = load_images(to_batch([row]), {})
+    out = Segment(job)(batch).to_pylist()[0]
     assert out["status"] == "failed" and "mask1.png is empty" in out["error"] and out["error"].startswith("segment:")
 
 
@@ -77,15 +81,15 @@ def test_automatic_segmenters_feed_selection(tmp_path, kind):
     (tmp_path / "coffee.png").write_bytes(buf.getvalue())
     seg = {"kind": kind, "points_per_side": 4, "pred_iou_thresh": 0.0, "stability_score_thresh": 0.0}
     job = _job(tmp_path, segmenter=seg)
-    batch = Segment(job)(load_images(pd.DataFrame([_row(tmp_path / "coffee.png")]), {}))
-    out = score_and_select(batch, job).to_dict("records")[0]
-    masks = json.loads(out["masks"])
-    assert masks and all(m["source"] == kind for m in masks)
+    batch = Segment(job)(load_images(to_batch([_row(tmp_path / "coffee.png")]), {}))
+    out = score_and_select(batch, job).to_pylist()[0]
+    masks = out["masks"]
+    assert masks and all(m["source"] == kind and m["mask_uri"] is None for m in masks)
     assert all(M.decode_rle(m["rle"]).shape == (400, 600) for m in masks)
     if kind == "tiny-sam":
         assert all(m["predicted_iou"] is not None for m in masks)
     # either some masks are selected, or the row is skipped with the reason
-    assert json.loads(out["selected"]) or (out["status"] == "skipped" and "no mask passes" in out["error"])
+    assert out["selected"] or (out["status"] == "skipped" and "no mask passes" in out["error"])
 
 
 def _photos(tmp_path, names=("coffee", "chelsea", "rocket")):
@@ -110,13 +114,13 @@ def test_sam_encodes_a_batch_of_images_in_one_forward(tmp_path):
     calls = []
     stage.segmenter.generator.predictor.model.image_encoder.register_forward_hook(
         lambda module, args, out: calls.append(args[0].shape[0]))
-    together = stage(load_images(pd.DataFrame(rows), {})).to_dict("records")
+    together = stage(load_images(to_batch(rows), {})).to_pylist()
     assert calls == [3]
-    alone = [stage(load_images(pd.DataFrame([r]), {})).to_dict("records")[0] for r in rows[:3]]
+    alone = [stage(load_images(to_batch([r]), {})).to_pylist()[0] for r in rows[:3]]
     assert calls == [3, 1, 1, 1]
     for a, b in zip(together[:3], alone):
-        assert a["status"] == "ok" and a["masks"] == b["masks"] and json.loads(a["masks"])
-    assert json.loads(together[3]["masks"])[0]["source"] == "user"
+        assert a["status"] == "ok" and a["masks"] == b["masks"] and a["masks"]
+    assert together[3]["masks"][0]["source"] == "user"
 
 
 def test_a_failing_batch_falls_back_to_one_image_at_a_time(tmp_path, monkeypatch):
@@ -126,10 +130,10 @@ def test_a_failing_batch_falls_back_to_one_image_at_a_time(tmp_path, monkeypatch
     real = stage.segmenter.__class__.__call__
     monkeypatch.setattr(stage.segmenter.__class__, "__call__",
                         lambda self, image: 1 / 0 if image.shape[1] == 451 else real(self, image))  # chelsea
-    out = stage(load_images(pd.DataFrame([_row(u) for u in _photos(tmp_path)]), {})).to_dict("records")
+    out = stage(load_images(to_batch([_row(u) for u in _photos(tmp_path)]), {})).to_pylist()
     assert [r["status"] for r in out] == ["ok", "failed", "ok"]
     assert out[1]["error"].startswith("segment:") and "division by zero" in out[1]["error"]
-    assert json.loads(out[0]["masks"]) and json.loads(out[2]["masks"])
+    assert out[0]["masks"] and out[2]["masks"]
 
 
 def test_job_file_errors_name_the_key(tmp_path):
@@ -165,16 +169,31 @@ def test_extract_stage_resumes_done_images_and_force_redoes_them(tmp_path, examp
     job = JobConfig(output=str(tmp_path / "out"), manifest="m.jsonl", model={"id": "tiny"},
                     extract=quick_config(grid_seeds=0)).model_dump(mode="json")
     row = _row(scene / "img.jpg", image_id="bear", masks=[str(scene / f"mask{i}.png") for i in range(3)])
-    batch = score_and_select(Segment(job)(load_images(pd.DataFrame([row]), {})), job)
+    batch = score_and_select(Segment(job)(load_images(to_batch([row]), {})), job)
     stage = Extract(job, run_id="r1")
-    first = stage(batch.copy()).to_dict("records")[0]
-    assert first["status"] == "ok" and first["image_bytes"] == b""
+    first = stage(batch)
+    (row,) = first.to_pylist()
+    assert row["status"] == "ok" and row["image_bytes"] == b"" and row["bundle_uri"].endswith("bundles/bear")
+    assert [c["mask_index"] for c in row["concepts"]] == [0, 1, 2]
     record = json.loads((tmp_path / "out" / "records" / "bear.json").read_text())
     assert record["image"]["run_id"] == "r1" and len(record["concepts"]) == 3
     assert [c["mask_index"] for c in record["concepts"]] == [0, 1, 2]
-    again = Extract(job, run_id="r2")(batch.copy()).to_dict("records")[0]
-    assert again["status"] == "resumed" and json.loads(again["record"])["image"]["run_id"] == "r1"
-    forced = Extract({**job, "force": True}, run_id="r3")(batch.copy()).to_dict("records")[0]
+    assert list(record["image"]) == R.IMAGES_SCHEMA.names + ["extract_started_at", "extract_ended_at"]
+    assert all(list(c) == R.CONCEPTS_SCHEMA.names for c in record["concepts"])
+    assert all("mask_uri" not in m for m in record["masks"])  # records keep their format
+    # what the staging stage stages is the record's rows (plus each mask's file)
+    stage_tables(first, str(tmp_path / "out"), "r1")
+    staged = {name: T.staged(str(tmp_path / "out"), "r1", name, schema).to_table().to_pylist()
+              for name, schema in R.TABLES.items()}
+    expected = R.table_rows([record])
+    assert staged["concepts"] == expected["concepts"].to_pylist()
+    assert [{k: v for k, v in m.items() if k != "mask_uri"} for m in staged["masks"]] == [
+        {k: v for k, v in m.items() if k != "mask_uri"} for m in expected["masks"].to_pylist()]
+    assert [m["mask_uri"] for m in staged["masks"]] == [str(scene / f"mask{i}.png") for i in range(3)]
+    assert staged["images"] == expected["images"].to_pylist()
+    again = Extract(job, run_id="r2")(batch).to_pylist()[0]
+    assert again["status"] == "resumed" and again["record_uri"] == R.record_uri(job["output"], "bear")
+    forced = Extract({**job, "force": True}, run_id="r3")(batch).to_pylist()[0]
     assert forced["status"] == "ok"
     assert json.loads((tmp_path / "out" / "records" / "bear.json").read_text())["image"]["run_id"] == "r3"
 

@@ -200,3 +200,23 @@ def test_report_page_is_the_packaged_template_with_text_escaped(tmp_path):
     assert 'alt="attention_iou" src="data:image/png;base64,' in page
     assert "<b>scene</b>" not in page and "mask &lt;i&gt;empty&lt;/i&gt; &amp; gone" in page
     assert "3 cells, 1 scenes, 2" in page  # the counts reach the page
+
+
+def test_a_manifest_scene_source_takes_the_extraction_jobs_spec(tmp_path, examples):
+    manifest = tmp_path / "m.csv"  # a dataset's own column names, mapped as in extraction jobs
+    manifest.write_text("url,key,masks\n" + f"{examples / 'bear' / 'img.jpg'},bear,"
+                        + '"' + json.dumps([str(examples / "bear" / "mask0.png")]).replace('"', '""') + '"\n')
+    spec = {"uri": str(manifest), "columns": {"image_uri": "url", "image_id": "key", "mask_uris": "masks"}}
+    scenes = collect_scenes(SceneSources(manifest=spec))
+    assert [(s.scene_id, len(s.mask_uris)) for s in scenes] == [("bear", 1)]
+
+
+def test_a_study_without_scenes_is_one_error_before_any_work(tmp_path, capsys):
+    from pipeline.cli import main
+
+    job = tmp_path / "study.yaml"
+    job.write_text(f"kind: study\nname: s\noutput: {tmp_path / 'out'}\nmodel: {{id: tiny}}\n")
+    assert main(["run", str(job)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "the study has no scenes: set scenes.generated" in err[0]
+    assert not (tmp_path / "out").exists()

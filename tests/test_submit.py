@@ -7,8 +7,8 @@ import yaml
 
 from breakscene.errors import BreakSceneError
 from pipeline.jobfile import load_job
-from pipeline.submit import (DEFAULT_ADDRESS, MIB, check_upload, exit_status, find_auth_token, job_runtime_env,
-                             project_root, resolve_address, upload_files)
+from pipeline.submit import (DEFAULT_ADDRESS, MIB, SECRET_EXCLUDES, check_upload, exit_status, find_auth_token,
+                             job_runtime_env, project_root, resolve_address, upload_files)
 
 
 def _project(root, runtime_env=None):
@@ -37,7 +37,7 @@ def test_working_dir_is_the_job_files_project_not_the_current_folder(tmp_path, m
     monkeypatch.chdir(elsewhere)
     env = job_runtime_env(load_job(job_file), str(job_file))
     assert env["working_dir"] == str((tmp_path / "project").resolve())
-    assert env["excludes"] == ["**/__pycache__/", "data/", ".venv/", "out/", ".git/"]
+    assert env["excludes"] == [*SECRET_EXCLUDES, "**/__pycache__/", "data/", ".venv/", "out/", ".git/"]
     files = dict(upload_files(env["working_dir"], env["excludes"]))
     # the project's code and job travel; the venv, outputs, git, caches, data and .gitignored files do not
     assert sorted(files) == [".gitignore", "jobs/job.yaml", "pkg/code.py", "pyproject.toml"]
@@ -55,7 +55,8 @@ def test_absent_working_dir_is_the_project_and_runtime_env_file_replaces_the_job
     job_file = _project(tmp_path / "project", runtime_env={})
     monkeypatch.chdir(tmp_path)
     env = job_runtime_env(load_job(job_file), str(job_file))
-    assert env == {"working_dir": str((tmp_path / "project").resolve()), "excludes": [".venv/", "out/", ".git/"]}
+    assert env == {"working_dir": str((tmp_path / "project").resolve()),
+                   "excludes": [*SECRET_EXCLUDES, ".venv/", "out/", ".git/"]}
     # --runtime-env FILE: its relative working_dir against its own project
     other = tmp_path / "other"
     (other / "sub").mkdir(parents=True)
@@ -133,5 +134,6 @@ def test_exit_status_carries_the_entrypoints_own_codes():
     assert exit_status("SUCCEEDED", "") == 0
     assert exit_status("FAILED", "Job entrypoint command failed with exit code 3, last available logs ...") == 3
     assert exit_status("FAILED", "anything", driver_exit_code=2) == 2
+    assert exit_status("FAILED", "Job entrypoint command failed with exit code 4, ...") == 4  # output not writable
     assert exit_status("FAILED", "Job entrypoint command failed with exit code 1.") == 1
     assert exit_status("STOPPED", "Job was intentionally stopped.") == 1
