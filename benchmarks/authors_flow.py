@@ -84,7 +84,8 @@ class AuthorsFlow:
     """The script's training of one prepared scene on ``ex``'s models; its class images are
     the files ``class_files`` (read one per step, as its data set does)."""
 
-    def __init__(self, ex: Extractor, prepared: PreparedExtraction, class_files: list[Path], cfg: ExtractConfig) -> None:
+    def __init__(self, ex: Extractor, prepared: PreparedExtraction, class_files: list[Path],
+                 cfg: ExtractConfig) -> None:
         self.ex, self.models, self.cfg = ex, ex.models, cfg
         # its own cache of resized masks: it empties it at every step, as the script resizes them
         self.data = dataclasses.replace(prepared.tensors, subset_cache={})
@@ -127,7 +128,7 @@ class AuthorsFlow:
         return ids, positions, attn, union, self.pixels.flip(-1) if flip else self.pixels
 
     def class_image(self) -> torch.Tensor:
-        path = self.class_files[int(torch.randint(len(self.class_files), (1,), generator=self.gen))]
+        path = self.class_files[self.rng.randrange(len(self.class_files))]  # the loader's shuffled index
         return to_pixels([Image.open(path).convert("RGB")])[0].to(self.ex.device)
 
     def batch(self) -> Batch:

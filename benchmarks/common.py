@@ -1,6 +1,7 @@
 """What every benchmark shares: the machine it ran on, and the scene it measures."""
 from __future__ import annotations
 
+import os
 import platform
 from pathlib import Path
 
@@ -10,7 +11,8 @@ EXAMPLES = Path(__file__).resolve().parents[1].parent / "shared" / "examples"
 
 
 def machine() -> dict:
-    info = {"python": platform.python_version(), "torch": torch.__version__, "cpus": torch.get_num_threads()}
+    info = {"python": platform.python_version(), "torch": torch.__version__, "cpus": torch.get_num_threads(),
+            "load_average": [round(x, 2) for x in os.getloadavg()]}  # other work on the machine skews timings
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info

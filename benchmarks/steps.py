@@ -1,5 +1,6 @@
 """Per-step costs, measured in blocks of steps that take turns on one Extractor, so that a
-busy shared machine slows each alike; the fastest block of each kind counts.
+busy shared machine slows neighbours alike: milliseconds are each kind's fastest block,
+ratios the median over rounds of blocks run side by side.
 
 Per phase (phase 2 in ``full`` mode, the authors' only mode):
 

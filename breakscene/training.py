@@ -143,7 +143,8 @@ class PhaseResult:
         return out
 
 
-def make_optimizer(setup: PhaseSetup, cfg: ExtractConfig, device: torch.device, kind: str = "auto") -> torch.optim.AdamW:
+def make_optimizer(setup: PhaseSetup, cfg: ExtractConfig, device: torch.device,
+                   kind: str = "auto") -> torch.optim.AdamW:
     """AdamW over ``setup``'s parameter groups. ``kind``: "auto" is one fused kernel on CUDA
     and the multi-tensor ("foreach") form elsewhere, which on the CPU is bit for bit torch's
     default one-tensor-at-a-time loop, a third faster; "fused", "foreach", "for-loop" as

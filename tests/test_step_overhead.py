@@ -39,7 +39,8 @@ def toy_phase(bad_step: int | None = None, bad_value: float = float("inf"), term
 def test_losses_are_read_back_every_n_steps_and_at_the_end(monkeypatch):
     reads = []
     check = T.check_finite
-    monkeypatch.setattr(T, "check_finite", lambda phase, rows, first: (reads.append(len(rows)), check(phase, rows, first)))
+    monkeypatch.setattr(T, "check_finite",
+                        lambda phase, rows, first: (reads.append(len(rows)), check(phase, rows, first)))
     setup, step, calls = toy_phase()
     result = run_phase("toy", 12, setup, step, cfg=ExtractConfig(), device=CPU, progress=False, readback_every=5)
     assert len(calls) == 12 and reads == [5, 5, 2]  # three host reads for twelve steps
