@@ -21,7 +21,7 @@ from benchmarks.common import EXAMPLES, example_scene, machine
 
 def bench_extract(args) -> dict:
     from breakscene.config import ExtractConfig
-    from breakscene.extractor import Extractor
+    from breakscene.extraction.extractor import Extractor
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     scene, scene_name = example_scene()
@@ -70,7 +70,7 @@ def scene_costs(ex, scene, cfg, args, device) -> dict:
     rows["step1_loss"] = step1_parity(ex, scene, cfg)
     if not args.no_baseline:
         with tempfile.TemporaryDirectory() as tmp:
-            from breakscene.models import load_models
+            from breakscene.models.loading import load_models
 
             load_models(args.model).save_pretrained(tmp)  # the script reads weights from disk per scene
             authors = run_authors_flow(tmp, scene, cfg.model_copy(update={"phase2_mode": "full"}), device)
@@ -104,7 +104,7 @@ def realistic_costs(args, scene, device) -> dict:
     """The per-step rows at Stable Diffusion 2.1's shapes (random weights) and a realistic resolution."""
     from benchmarks.steps import per_step_costs
     from breakscene.config import ExtractConfig
-    from breakscene.extractor import Extractor
+    from breakscene.extraction.extractor import Extractor
 
     cfg = ExtractConfig(resolution=args.realistic_resolution, grid_seeds=0,
                         prior={"num_class_images": 2, "generation_steps": 2})
@@ -122,7 +122,7 @@ def realistic_costs(args, scene, device) -> dict:
 def grid_costs(ex, n_concepts: int, grid_seeds: int, cfg) -> dict:
     """The bundle's sample grid two ways on the resident models: one image per pipeline call
     with 25 DDIM steps (before) and one batched call with the configured sampler (now)."""
-    from breakscene.generate import fused_attention, generate_images, grid_prompts, sample_grid
+    from breakscene.extraction.generate import fused_attention, generate_images, grid_prompts, sample_grid
 
     tokens, seeds = ex.tokens[:n_concepts], list(range(grid_seeds))
     res = cfg.resolution or ex.models.native_resolution
@@ -146,8 +146,8 @@ def bench_sam(args) -> dict:
     import numpy as np
     import skimage.data
 
-    from pipeline.config import SegmenterConfig
-    from pipeline.segmenters import SamSegmenter, TinySamSegmenter
+    from batchjob.settings import SegmenterConfig
+    from batchjob.segmenters import SamSegmenter, TinySamSegmenter
 
     images = [np.asarray(f()) for f in (skimage.data.astronaut, skimage.data.coffee, skimage.data.chelsea,
                                         skimage.data.rocket)] * args.repeats
@@ -186,7 +186,7 @@ def bench_sam(args) -> dict:
 def bench_pipeline(args) -> dict:
     import yaml
 
-    from pipeline.jobfile import load_job
+    from commands.jobs import load_job
     from pipeline.records import read_records
     from pipeline.run import run_job
 
@@ -231,7 +231,7 @@ def bench_levers(args) -> dict:
 def bench_quality(args) -> dict:
     """Mask quality score vs true IoU, leave-one-scene-out on the example scenes."""
     from benchmarks.quality import run_quality
-    from breakscene.noise import FAMILIES
+    from breakscene.scenes.noise import FAMILIES
 
     families = args.families or list(FAMILIES)
     problems = [f"unknown noise family {f!r} (known: {', '.join(FAMILIES)})" for f in families if f not in FAMILIES]
@@ -253,9 +253,9 @@ def bench_quality(args) -> dict:
 def bench_memory(args) -> dict:
     """Predicted peak per phase and mode (meta-device count), and measured where CUDA is."""
     from breakscene.config import ExtractConfig
-    from breakscene.memory import GIB, predict_step_memory
-    from breakscene.models import DiffusionModels, load_models
-    from breakscene.presets import PRESETS, build_preset
+    from breakscene.models.memory import GIB, predict_step_memory
+    from breakscene.models.loading import DiffusionModels, load_models
+    from breakscene.models.presets import PRESETS, build_preset
 
     if args.model in PRESETS:  # shapes are all a prediction needs: no weights to initialise
         with torch.device("meta"):
@@ -274,7 +274,7 @@ def bench_memory(args) -> dict:
         out["measured"] = "needs a GPU: the peak is measured by `extract` on a CUDA machine"
         return out
     from breakscene.config import RuntimeConfig
-    from breakscene.extractor import Extractor
+    from breakscene.extraction.extractor import Extractor
 
     scene, _ = example_scene()
     out["device_total_gib"] = round(torch.cuda.get_device_properties(0).total_memory / GIB, 2)
@@ -350,7 +350,7 @@ def main(argv=None) -> int:
     qu.add_argument("--families", nargs="+", default=None, help="noise families (default: all)")
     qu.add_argument("--severities", nargs="+", type=float, default=[0.0, 0.25, 0.5, 0.75, 1.0])
     qu.add_argument("--seeds", type=int, default=3)
-    qu.add_argument("--fit", action="store_true", help="also refit and write breakscene/data/quality_model_v1.json")
+    qu.add_argument("--fit", action="store_true", help="also refit and write breakscene/quality/data/quality_model_v1.json")
     from benchmarks.scale import add_parser as add_scale, bench_scale
 
     add_scale(sub)

@@ -32,16 +32,16 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from breakscene.attention import AttentionStore, CaptureAttnProcessor, loss_layers
+from breakscene.method.attention import AttentionStore, CaptureAttnProcessor, loss_layers
 from breakscene.config import ExtractConfig
-from breakscene.extractor import Extractor, PreparedExtraction
-from breakscene.generate import fused_attention, generate_images, make_pipeline
-from breakscene.phases import PhaseSetup, phase_setup
-from breakscene.prior import to_pixels
-from breakscene.sampling import concept_prompt, sample_subset
-from breakscene.scene import Scene
-from breakscene.tensors import draw_batch, subset_masks
-from breakscene.training import Batch, PhaseResult, autocast_context, make_optimizer, training_step
+from breakscene.extraction.extractor import Extractor, PreparedExtraction
+from breakscene.extraction.generate import fused_attention, generate_images, make_pipeline
+from breakscene.method.phases import PhaseSetup, phase_setup
+from breakscene.method.prior import to_pixels
+from breakscene.method.union_sampling import concept_prompt, sample_subset
+from breakscene.scenes.scene import Scene
+from breakscene.extraction.tensors import draw_batch, subset_masks
+from breakscene.method.training import Batch, PhaseResult, autocast_context, make_optimizer, training_step
 
 CONTROLLER_MAX_QUERIES = 32**2  # ptp_utils.AttentionStore keeps the maps of layers with at most this many queries
 SAMPLE_BATCH = 4  # the script's --sample_batch_size: class images per pipeline call

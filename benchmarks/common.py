@@ -20,8 +20,8 @@ def machine() -> dict:
 
 def example_scene():
     """(scene, its name): the shared example ``bear`` where present, else a generated one."""
-    from breakscene.scene import load_scene_dir
-    from breakscene.synthetic import generated_extract_scene
+    from breakscene.scenes.scene import load_scene_dir
+    from breakscene.scenes.synthetic import generated_extract_scene
 
     if (EXAMPLES / "bear" / "img.jpg").is_file():
         return load_scene_dir(EXAMPLES / "bear"), "shared/examples/bear"

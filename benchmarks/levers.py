@@ -18,12 +18,12 @@ from dataclasses import dataclass, replace
 import torch
 
 from benchmarks.authors_flow import ControllerStore, ExplicitAttn
-from breakscene.attention import install_capture, loss_layers
+from breakscene.method.attention import install_capture, loss_layers
 from breakscene.config import ExtractConfig
-from breakscene.extractor import Extractor
-from breakscene.scene import Scene
-from breakscene.tensors import draw_batch
-from breakscene.training import READBACK_EVERY, run_phase, training_step
+from breakscene.extraction.extractor import Extractor
+from breakscene.scenes.scene import Scene
+from breakscene.extraction.tensors import draw_batch
+from breakscene.method.training import READBACK_EVERY, run_phase, training_step
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """Mask quality benchmark: does the score predict the mask's IoU on scenes it never saw?
 
 Noisy masks come from the example scenes (photo + clean masks) through every family of
-``breakscene.noise`` at each severity and seed (seed * 1000 + concept, as the study
+``breakscene.scenes.noise`` at each severity and seed (seed * 1000 + concept, as the study
 perturbs); severity 0 is the clean mask, counted once. True quality = IoU with the clean
 mask. Leave-one-scene-out: for each scene the model is fitted on the other scenes' masks
 and predicts this scene's, so every prediction comes from a model that never saw the
@@ -12,7 +12,7 @@ own masks as the pipeline scores them (``seconds_per_mask`` = its ``ms_per_mask`
 with its share of the image's work, at ``masks_per_image``).
 
 ``--fit`` also fits the shipped model on every scene and writes
-``breakscene/data/quality_model_v1.json`` (deterministic: same inputs, same file).
+``breakscene/quality/data/quality_model_v1.json`` (deterministic: same inputs, same file).
 """
 from __future__ import annotations
 
@@ -22,10 +22,10 @@ from pathlib import Path
 
 import numpy as np
 
-from breakscene.noise import FAMILIES, perturb
-from breakscene.quality import shape_features, shape_score
-from breakscene.quality_evidence import image_evidence, mask_evidence
-from breakscene.quality_model import MODEL_FILE, fit_model
+from breakscene.scenes.noise import FAMILIES, perturb
+from breakscene.quality.score import shape_features, shape_score
+from breakscene.quality.evidence import image_evidence, mask_evidence
+from breakscene.quality.model import MODEL_FILE, fit_model
 
 # The fitted model's inputs: GrabCut agreement carries most of the signal; the shape terms
 # catch holes and fragments that GrabCut alone forgives. Chosen leave-one-scene-out.
@@ -34,12 +34,12 @@ MODEL_FEATURES = ["grabcut_iou", "grabcut_precision", "grabcut_recall", "hole_fr
 MODEL_VERSION = "quality-v1"
 RIDGE_ALPHA = 1.0
 GOOD, BAD = 0.8, 0.5
-MODEL_PATH = Path(__file__).resolve().parents[1] / "breakscene" / "data" / MODEL_FILE
+MODEL_PATH = Path(__file__).resolve().parents[1] / "breakscene" / "quality" / "data" / MODEL_FILE
 
 
 def load_example_scenes(root: Path) -> list[tuple[str, np.ndarray, list[np.ndarray]]]:
     """``root/<scene>/img.jpg`` with ``mask<i>.png`` (concept where channel 0 > 127)."""
-    from breakscene.scene import load_mask_image, mask_from_image
+    from breakscene.scenes.scene import load_mask_image, mask_from_image
     from PIL import Image
 
     scenes = []
@@ -93,7 +93,7 @@ def time_scoring(scenes, *, repeats: int = 5) -> dict:
     time beside it. ``ms_per_mask`` counts each mask's share of its image's work."""
     import cv2
 
-    from breakscene.quality import score_masks
+    from breakscene.quality.score import score_masks
 
     threads = cv2.getNumThreads()
     cv2.setNumThreads(1)

@@ -76,8 +76,7 @@ def _new_images(n: int, size: int) -> list[tuple[bytes, bytes]]:
 
 def _history_tables(h: int, start: int = 0) -> dict[str, pa.Table]:
     """H done images as the three tables' rows: 2 masks and 2 concepts each."""
-    from pipeline import records as R
-
+    from pipeline.records import CONCEPTS_SCHEMA, IMAGES_SCHEMA, MASKS_SCHEMA, TABLES
     ids = [f"hist-{i:09d}" for i in range(start, start + h)]
     n = len(ids)
     rle = {"size": [64, 64], "counts": "0`1d0"}
@@ -88,7 +87,7 @@ def _history_tables(h: int, start: int = 0) -> dict[str, pa.Table]:
         "seconds_load": [0.01] * n, "seconds_segment": [0.02] * n, "seconds_score": [0.01] * n,
         "seconds_extract": [30.0] * n, "bundle_uri": [f"out/bundles/{i}" for i in ids], "run_id": ["history"] * n,
         "manifest_file": ["manifest.parquet"] * n, "meta": ['{"caption": "a photo"}'] * n,
-    }).cast(R.IMAGES_SCHEMA)
+    }).cast(IMAGES_SCHEMA)
     two = [i for i in ids for _ in range(2)]
     idx = [0, 1] * n
     masks = pa.Table.from_pydict({
@@ -97,23 +96,23 @@ def _history_tables(h: int, start: int = 0) -> dict[str, pa.Table]:
         "run_id": ["history"] * 2 * n,
     })
     masks = pa.table({name: masks.column(name) if name in masks.column_names else pa.nulls(2 * n, f.type)
-                      for name, f in zip(R.MASKS_SCHEMA.names, R.MASKS_SCHEMA)}).cast(R.MASKS_SCHEMA)
+                      for name, f in zip(MASKS_SCHEMA.names, MASKS_SCHEMA)}).cast(MASKS_SCHEMA)
     concepts = pa.Table.from_pydict({
         "image_id": two, "concept_index": idx, "token": [f"<asset{j}>" for j in idx], "mask_index": idx,
         "quality": [0.8] * 2 * n, "attention_iou": [0.5] * 2 * n, "final_loss": [0.1] * 2 * n,
         "bundle_uri": [f"out/bundles/{i}" for i in two], "run_id": ["history"] * 2 * n,
     })
     concepts = pa.table({name: concepts.column(name) if name in concepts.column_names else pa.nulls(2 * n, f.type)
-                         for name, f in zip(R.CONCEPTS_SCHEMA.names, R.CONCEPTS_SCHEMA)}).cast(R.CONCEPTS_SCHEMA)
+                         for name, f in zip(CONCEPTS_SCHEMA.names, CONCEPTS_SCHEMA)}).cast(CONCEPTS_SCHEMA)
     return {"images": images, "masks": masks, "concepts": concepts}
 
 
 def _write_history(out: str, h: int, records_limit: int) -> dict:
     """Tables over NIGHTS commits, and the images' records (up to ``records_limit``)."""
-    from breakscene.storage import filesystem, join
-    from pipeline import records as R
-    from pipeline import tables as T
-    from pipeline.preflight import claim_output_folder
+    from breakscene.files.storage import filesystem, join
+    from pipeline.records import TABLES
+    from pipeline.tables import commit
+    from batchjob.preflight import claim_output_folder
 
     start = time.perf_counter()
     claim_output_folder(out, "pipeline")  # the history stands for earlier runs of this project
@@ -124,7 +123,7 @@ def _write_history(out: str, h: int, records_limit: int) -> dict:
             break
         rows = _history_tables(min(per_night, h - lo), lo)
         for name in ("masks", "concepts", "images"):
-            T.commit(out, name, R.TABLES[name], rows[name], run_id=f"history-{night}")
+            commit(out, name, TABLES[name], rows[name], run_id=f"history-{night}")
     tables_s = time.perf_counter() - start
     start = time.perf_counter()
     fs, root = filesystem(join(out, "records"))
@@ -150,7 +149,7 @@ def _write_history(out: str, h: int, records_limit: int) -> dict:
 def _write_manifest(base: str, out_manifest: str, h: int, new: int, size: int, tag: str) -> None:
     """A Parquet manifest: the H history rows (already done) and ``new`` new rows whose
     small images and masks are written beside it."""
-    from breakscene.storage import filesystem, join
+    from breakscene.files.storage import filesystem, join
 
     fs, _ = filesystem(base)
     pairs = _new_images(new, size) if new else []
@@ -217,7 +216,7 @@ def _store(kind: str, tmp: str):
             time.sleep(0.1)
         import s3fs
 
-        from breakscene.storage import configure
+        from breakscene.files.storage import configure
 
         opts = {"s3": {"key": "testing", "secret": "testing",
                        "client_kwargs": {"endpoint_url": f"http://127.0.0.1:{port}"}}}

@@ -26,12 +26,12 @@ import torch
 
 from benchmarks.authors_flow import AuthorsFlow
 from breakscene.config import ExtractConfig
-from breakscene.extractor import Extractor
-from breakscene.memory import GIB, predict_step_memory
-from breakscene.phases import PHASES, PhaseSetup
-from breakscene.prior import class_images
-from breakscene.scene import Scene
-from breakscene.training import autocast_context, make_optimizer, run_phase
+from breakscene.extraction.extractor import Extractor
+from breakscene.models.memory import GIB, predict_step_memory
+from breakscene.method.phases import PHASES, PhaseSetup
+from breakscene.method.prior import class_images
+from breakscene.scenes.scene import Scene
+from breakscene.method.training import autocast_context, make_optimizer, run_phase
 
 
 def bare_steps(setup: PhaseSetup, step_fn, steps: int, cfg: ExtractConfig, device: torch.device) -> float:

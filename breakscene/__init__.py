@@ -7,18 +7,18 @@ file's validation, say) stays light.
 """
 __version__ = "0.1.0"
 
-from .config import ExtractConfig  # noqa: E402
+from breakscene.config import ExtractConfig  # noqa: E402
 
 # public name -> the module that defines it (imported when the name is first used)
 LAZY = {
-    "Extractor": "extractor",
-    "ExtractionResult": "extraction",
-    "TrainedScene": "extraction",
-    "PreparedExtraction": "extraction",
-    "load_scene": "scene",
-    "load_scene_dir": "scene",
-    "Scene": "scene",
-    "load_bundle_pipeline": "bundle",
+    "Extractor": "extraction.extractor",
+    "ExtractionResult": "extraction.products",
+    "TrainedScene": "extraction.products",
+    "PreparedExtraction": "extraction.products",
+    "load_scene": "scenes.scene",
+    "load_scene_dir": "scenes.scene",
+    "Scene": "scenes.scene",
+    "load_bundle_pipeline": "files.bundle",
 }
 
 

@@ -16,8 +16,8 @@ from typing import Annotated, Literal
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from .errors import BreakSceneError
-from .schedulers import SamplerName
+from breakscene.errors import BreakSceneError
+from breakscene.models.schedulers import SamplerName
 
 # The base model when none is named (a hub id); here rather than in models.py so that
 # validating a job file needs no torch / diffusers import.

@@ -57,3 +57,19 @@ def output_fault(exc: BaseException | None) -> BaseException | None:
             return exc
         exc = getattr(exc, "cause", None) or exc.__cause__ or exc.__context__
     return None
+
+
+class NonFiniteLossError(BreakSceneError):
+    """A training loss became inf or nan: the weights are not worth keeping. Names the
+    phase, the first step and the loss term that went wrong."""
+
+    def __init__(self, phase: str, step: int, term: str, values: dict[str, float]) -> None:
+        self.phase, self.step, self.term, self.values = phase, step, term, values
+        shown = ", ".join(f"{k} {v:.6g}" for k, v in values.items())
+        super().__init__(f"{phase}: the {term} loss is not finite at step {step} ({shown}); "
+                         "lower the learning rates or the loss weights")
+
+
+class StaleSceneError(RuntimeError):
+    """A TrainedScene used after the Extractor reset the weights it was trained into: a
+    programming error (use a trained scene before the next ``reset`` or ``prepare``)."""

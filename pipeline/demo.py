@@ -3,11 +3,11 @@ automatically) and generated scenes whose masks are exact by construction (given
 ``mask_uris``). Deterministic, so re-running the demo finds its earlier work done."""
 from __future__ import annotations
 
-from breakscene.storage import exists, join, write_bytes
-from breakscene.strictjson import to_json
-from breakscene.synthetic import generated_scene, png_bytes, scene_labels
+from breakscene.files.storage import exists, join, write_bytes
+from breakscene.files.strictjson import to_json
+from breakscene.scenes.synthetic import generated_scene, png_bytes, scene_labels
 
-from .config import DemoInputs
+from pipeline.config import DemoInputs
 
 
 def build_demo_inputs(cfg: DemoInputs, out: str) -> str:

@@ -1,5 +1,5 @@
 """The done set: the ids the ``images`` table holds as done, looked up by every batch of
-the manifest scan (``manifest.read_shard``) and again after loading (``staging.skip_done``).
+the manifest scan (``shards.read_shard``) and again after loading (``staging.skip_done``).
 
 Why not ``pyarrow.compute.is_in(ids, value_set=done)`` per batch: it builds a hash table
 of the whole value set on every call, so a scan of M manifest rows in batches of B cost
@@ -20,7 +20,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from .keys import id_texts
+from batchjob.keys import id_texts
 
 HASH_CHUNK = 1 << 20  # ids hashed at a time on the driver (bounds the Python objects made)
 

@@ -24,12 +24,12 @@ from typing import Callable
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from breakscene.storage import exists, filesystem, join, remove, write_bytes
+from breakscene.files.storage import exists, filesystem, join, remove, write_bytes
 
-from . import records as R
-from . import tables as T
+from pipeline.records import IMAGES_SCHEMA, TABLES, scan_images
+from pipeline.tables import STAGING, commit, counts, open_table, staged, staging_dir
 from breakscene.failpoints import failpoint
-from breakscene.strictjson import to_json
+from breakscene.files.strictjson import to_json
 
 log = logging.getLogger(__name__)
 COMMITS = "_commits"
@@ -61,7 +61,7 @@ def pending(out: str) -> list[dict]:
 
 def committed(out: str, name: str, run_id: str) -> bool:
     """Whether table ``name`` already holds a commit of run ``run_id``."""
-    dt = T.open_table(out, name)
+    dt = open_table(out, name)
     if dt is None:
         return False
     return any(c.get("breakscene.run_id") == run_id for c in dt.history(limit=HISTORY_LOOKBACK))
@@ -78,21 +78,21 @@ def commit_tables(out: str, run_id: str, names: list[str], known_ids: pa.Array |
             continue
         if replace is None:  # images is committed last, so it still holds the ids from before this run
             replace = replaced_ids(out, run_id, known_ids)
-        T.commit(out, name, R.TABLES[name], T.staged(out, run_id, name, R.TABLES[name]), run_id=run_id,
+        commit(out, name, TABLES[name], staged(out, run_id, name, TABLES[name]), run_id=run_id,
                  replace_ids=replace)
         failpoint(f"committed-{name}")
-    return T.counts(out, names)
+    return counts(out, names)
 
 
 def replaced_ids(out: str, run_id: str, known_ids: pa.Array | None) -> set[str]:
     """Ids this run staged that the images table already holds (a failed image retried, a
     scored one extracted, ``force``): their rows are replaced, the rest appended."""
     if known_ids is None:
-        known_ids = R.scan_images(out, columns=["image_id"]).column("image_id")
-    staged = T.staged(out, run_id, "images", R.IMAGES_SCHEMA)
-    if len(known_ids) == 0 or staged is None:
+        known_ids = scan_images(out, columns=["image_id"]).column("image_id")
+    staged_images = staged(out, run_id, "images", IMAGES_SCHEMA)
+    if len(known_ids) == 0 or staged_images is None:
         return set()
-    ids = staged.to_table(columns=["image_id"]).column("image_id")
+    ids = staged_images.to_table(columns=["image_id"]).column("image_id")
     return set(pc.filter(ids, pc.is_in(ids, value_set=known_ids)).to_pylist())
 
 
@@ -102,8 +102,8 @@ def finish(out: str, run_id: str, summary: dict) -> None:
     write_bytes(join(out, "runs", f"{run_id}.json"), data)
     write_bytes(join(out, "summary.json"), data)
     failpoint("summary-written")
-    remove(T.staging_dir(out, run_id))
-    fs, root = filesystem(join(out, T.STAGING))
+    remove(staging_dir(out, run_id))
+    fs, root = filesystem(join(out, STAGING))
     try:
         fs.rmdir(root)  # only when no other run's staging is left
     except (OSError, NotImplementedError):
@@ -143,7 +143,7 @@ def roll_forward(out: str) -> list[str]:
 
 def finish_leftovers(out: str, run_id: str) -> None:
     """A run killed after writing its summary: only its staging and intent are left."""
-    remove(T.staging_dir(out, run_id))
+    remove(staging_dir(out, run_id))
     remove(intent_uri(out, run_id))
 
 

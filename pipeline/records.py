@@ -14,13 +14,13 @@ import json
 
 import pyarrow as pa
 
-from breakscene.quality_evidence import EVIDENCE_COLUMNS
-from breakscene.storage import join, read_bytes
+from breakscene.quality.evidence import EVIDENCE_COLUMNS
+from breakscene.files.storage import join, read_bytes
 
-from . import tables as T
-from .artifacts import read_json_folder, write_json
-from .keys import storage_key
-from .status import Status
+from pipeline.tables import commit, counts, read_table as read_delta_table
+from batchjob.artifacts import read_json_folder, write_json
+from batchjob.keys import storage_key
+from pipeline.status import Status
 
 DONE_STATUSES = (Status.OK, Status.SKIPPED)
 SCORED = Status.SCORED  # a score-only run's outcome: masks scored and selected, not yet extracted
@@ -36,7 +36,7 @@ IMAGES_SCHEMA = pa.schema([
     # where the row came from, and the manifest's own columns this project does not know (JSON)
     ("manifest_file", pa.string()), ("meta", pa.string()),
 ])
-# a mask's quality columns (``breakscene.quality.score_masks``; the row's ``features``)
+# a mask's quality columns (``breakscene.quality.score.score_masks``; the row's ``features``)
 FEATURE_FIELDS = [
     ("area_fraction", pa.float64()), ("center_fraction", pa.float64()), ("n_components", pa.int32()),
     ("largest_component_fraction", pa.float64()), ("hole_fraction", pa.float64()), ("compactness", pa.float64()),
@@ -138,13 +138,13 @@ def write_tables(out: str, records: list[dict], extra_images: list[dict] = (), *
 
     replace = set(pc.filter(ids, pc.is_in(ids, value_set=known)).to_pylist()) if len(known) else set()
     for name in sorted(TABLES, key=lambda n: n == "images"):
-        T.commit(out, name, TABLES[name], tables[name], run_id=run_id, replace_ids=replace)
-    return T.counts(out, TABLES)
+        commit(out, name, TABLES[name], tables[name], run_id=run_id, replace_ids=replace)
+    return counts(out, TABLES)
 
 
 def scan_images(out: str, columns=("image_id", "status")) -> pa.Table:
     """A few columns of the current images table: how a run finds what is done."""
-    return T.read_table(out, "images", IMAGES_SCHEMA, columns=list(columns))
+    return read_delta_table(out, "images", IMAGES_SCHEMA, columns=list(columns))
 
 
 def done_ids(out: str, stop_after: str = "extract") -> pa.Array:
@@ -158,14 +158,14 @@ def done_ids(out: str, stop_after: str = "extract") -> pa.Array:
 
 def read_table(out: str, name: str, version: int | None = None) -> pa.Table:
     """The current rows of table ``name`` (or those of an earlier ``version``)."""
-    return T.read_table(out, name, TABLES[name], version=version)
+    return read_delta_table(out, name, TABLES[name], version=version)
 
 
 def clear_partial_bundle(out: str, image_id: str) -> int:
     """Remove what a killed attempt left of this image's bundle: local temporary folders
     beside it (an object store's partial prefix is replaced when the bundle is published).
     Only this image's names are touched; no listing of other bundles."""
-    from breakscene.storage import is_remote
+    from breakscene.files.storage import is_remote
 
     if is_remote(out):
         return 0

@@ -2,7 +2,7 @@
 here as one Arrow schema with real nested columns (no JSON text), with each column's
 value before any stage has run.
 
-- the manifest stage (``manifest.stage_row``) fills where the row came from;
+- the manifest stage (``shards.read_shard``, from ``manifest.manifest_fields``) fills where the row came from;
 - load: ``image_bytes`` (the encoded picture, the only copy the later stages read; emptied
   after extraction), ``width``, ``height``, a content-hash ``image_id`` where none was given;
 - segment: ``masks`` (RLE, source, the segmenter's scores, the user mask's URI);
@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-from .records import CONCEPTS_SCHEMA, FEATURE_FIELDS, MASKS_SCHEMA
-from .status import Status
+from pipeline.records import CONCEPTS_SCHEMA, FEATURE_FIELDS, MASKS_SCHEMA
+from pipeline.status import Status
 
 STAGES = ("load", "segment", "score", "extract")  # the timed stages
 # one mask as segmented: the masks table's own columns, and the user mask's file (null

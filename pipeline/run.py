@@ -26,22 +26,25 @@ from typing import Callable
 import pyarrow as pa
 
 from breakscene.errors import OUTPUT_FAULT_ERRNOS, OutputWriteError, output_fault
-from breakscene.storage import PARTIAL, exists, filesystem, join
+from breakscene.files.storage import PARTIAL, exists, filesystem, join
 
-from . import manifest as MF
-from . import records as R
-from . import tables as T
-from .cluster import auto_gpus, init_ray
-from .config import JobConfig
-from .demo import build_demo_inputs
-from .doneset import DoneSet
-from .intent import commit_run, intent_uri, pending, roll_forward
-from .lease import Lease, read_lease
-from .preflight import check_job, claim_output_folder
-from .resources import fit_plan, stage_plan
-from .staging import SUMMARY_SCHEMA, Tally, finish_scored, skip_done, stage_tables
-from .stages import ContentClaims, Extract, Segment, load_images, score_and_select
-from .status import Status
+from batchjob.manifest import ManifestSpec, plan
+from pipeline.shards import ManifestTally, read_shard
+from pipeline.records import TABLES, done_ids, scan_images
+from pipeline.tables import clear_staging
+from batchjob.cluster import auto_gpus, init_ray
+from pipeline.config import JobConfig
+from pipeline.demo import build_demo_inputs
+from pipeline.doneset import DoneSet
+from pipeline.intent import commit_run, intent_uri, pending, roll_forward
+from batchjob.lease import Lease, read_lease
+from batchjob.preflight import claim_output_folder
+from pipeline.checks import check_job
+from batchjob.resources import fit_plan, stage_plan
+from pipeline.staging import SUMMARY_SCHEMA, Tally, finish_scored, skip_done, stage_tables
+from pipeline.stages import ContentClaims, Extract, Segment, load_images, score_and_select
+from pipeline.stage_settings import ExtractSettings, SegmentSettings, SelectSettings
+from pipeline.status import Status
 
 log = logging.getLogger(__name__)
 ROWS_PER_BLOCK = 512  # at most, per Ray Data block through the cheap stages (at least 8 blocks)
@@ -62,7 +65,7 @@ def cleanup_partial(out: str) -> int:
     bundle.json was not written by this project and stays. Checks every bundle, so runs
     never call it: a run clears only the leftovers of the images it processes
     (``records.clear_partial_bundle``)."""
-    removed = T.clear_staging(out, keep={i["run_id"] for i in pending(out)})
+    removed = clear_staging(out, keep={i["run_id"] for i in pending(out)})
     fs, root = filesystem(join(out, "bundles"))
     if not fs.exists(root):
         return removed
@@ -137,13 +140,13 @@ def run_job(job: JobConfig, address: str | None = None, *, stages: StageFns | No
     with stop_on_output_faults(out, run_id), Lease(out, run_id):
         tick = time.perf_counter()
         uri = job.manifest.uri if job.manifest else build_demo_inputs(job.demo_inputs, out)
-        spec = MF.ManifestSpec(uri=uri, columns=dict(job.manifest.columns) if job.manifest else {})
-        shards = MF.plan(spec)
+        spec = ManifestSpec(uri=uri, columns=dict(job.manifest.columns) if job.manifest else {})
+        shards = plan(spec)
         roll_forward(out)  # a run killed during its commits: finished first
-        T.clear_staging(out)  # a dead run's uncommitted rows (the lease says none is running)
+        clear_staging(out)  # a dead run's uncommitted rows (the lease says none is running)
         # 2. done set: one scan of two columns of the images table
-        scan = R.scan_images(out)
-        done = DoneSet(None if job.force else R.done_ids(out, job.stop_after))  # hashed and sorted once
+        scan = scan_images(out)
+        done = DoneSet(None if job.force else done_ids(out, job.stop_after))  # hashed and sorted once
         driver["plan"] = time.perf_counter() - tick
         ray = init_ray(job.resources, address)
         done = ray.put(done) if len(done) else None  # once in the object store, for every stage that reads it
@@ -180,18 +183,18 @@ def run_job(job: JobConfig, address: str | None = None, *, stages: StageFns | No
 
 
 def _tables(job: JobConfig) -> dict[str, pa.Schema]:
-    return R.TABLES if job.stop_after == "extract" else {k: R.TABLES[k] for k in ("images", "masks")}
+    return TABLES if job.stop_after == "extract" else {k: TABLES[k] for k in ("images", "masks")}
 
 
-def _read_manifest(ray, spec: MF.ManifestSpec, shards: list[str], done, job: JobConfig):
+def _read_manifest(ray, spec: ManifestSpec, shards: list[str], done, job: JobConfig):
     """The rows still to do, materialised in Ray's object store (not on the driver), and
     the manifest's counts."""
-    tally = ray.remote(num_cpus=0)(MF.ManifestTally).remote()
+    tally = ray.remote(num_cpus=0)(ManifestTally).remote()
     items = ray.data.from_items([{"uri": s} for s in shards], override_num_blocks=len(shards))
-    todo = items.map_batches(MF.read_shard, batch_size=1, batch_format="pyarrow", num_cpus=0.25,
+    todo = items.map_batches(read_shard, batch_size=1, batch_format="pyarrow", num_cpus=0.25,
                              fn_kwargs={"spec": {"uri": spec.uri, "columns": spec.columns}, "done": done,
                                         "tally": tally, "single": len(shards) == 1,
-                                        "storage": _storage(job)}).materialize()
+                                        "storage": job.storage}).materialize()
     counts = ray.get(tally.result.remote())
     ray.kill(tally)
     return todo, counts
@@ -215,13 +218,12 @@ def _plan(ray, job: JobConfig, todo, run_id: str, done, fns: StageFns):
                            ray.cluster_resources(), autoscaling=res.autoscaling)
     for note in notes:
         print(f"resources: {note}", flush=True)
-    job_dict = job.model_dump(mode="json")
     claims = ray.remote(num_cpus=0)(ContentClaims).remote()
     n = todo.count()
     ds = todo.repartition(target_num_rows_per_block=min(ROWS_PER_BLOCK, max(1, n // 8)))
     # several images per load task: fetches are I/O, a batch shares the task's start-up
     ds = ds.map_batches(fns.load, batch_size=8, batch_format=FORMAT, num_cpus=plan["load"]["num_cpus"],
-                        fn_kwargs={"storage": _storage(job), "claims": claims})
+                        fn_kwargs={"storage": job.storage, "claims": claims})
     # the same CPU share as load, so that Ray Data fuses the two into one task per block
     ds = ds.map_batches(skip_done, batch_size=None, batch_format=FORMAT, num_cpus=plan["load"]["num_cpus"],
                         fn_kwargs={"done": done})
@@ -230,9 +232,9 @@ def _plan(ray, job: JobConfig, todo, run_id: str, done, fns: StageFns):
     ds = ds.map_batches(fns.segment, batch_size=seg_batch, batch_format=FORMAT, num_cpus=plan["segment"]["num_cpus"],
                         num_gpus=seg_gpus,
                         compute=ActorPoolStrategy(min_size=1, max_size=plan["segment"]["actors"]),
-                        fn_constructor_kwargs={"job": job_dict})
+                        fn_constructor_kwargs={"settings": SegmentSettings.from_job(job)})
     ds = ds.map_batches(fns.score, batch_size=8, batch_format=FORMAT, num_cpus=plan["score"]["num_cpus"],
-                        fn_kwargs={"job": job_dict})
+                        fn_kwargs={"settings": SelectSettings.from_job(job)})
     if extract:
         block = min(EXTRACT_ROWS_PER_BLOCK, max(1, n // (4 * res.extract_actors)))
         ds = ds.repartition(target_num_rows_per_block=block)
@@ -241,7 +243,7 @@ def _plan(ray, job: JobConfig, todo, run_id: str, done, fns: StageFns):
         ds = ds.map_batches(fns.extract, batch_size=block, batch_format=FORMAT, num_cpus=plan["extract"]["num_cpus"],
                             num_gpus=ext_gpus,
                             compute=ActorPoolStrategy(min_size=1, max_size=plan["extract"]["actors"]),
-                            fn_constructor_kwargs={"job": job_dict, "run_id": run_id,
+                            fn_constructor_kwargs={"settings": ExtractSettings.from_job(job), "run_id": run_id,
                                                    "threads": None if has_gpu else res.num_cpus})
         last_cpus, stage_rows = 0.1, 256  # small extraction blocks gathered into fewer staged files
     else:  # score-only: no extraction stage, so no diffusion model is ever loaded
@@ -250,13 +252,7 @@ def _plan(ray, job: JobConfig, todo, run_id: str, done, fns: StageFns):
         last_cpus, stage_rows = plan["score"]["num_cpus"], None
         ds = ds.map_batches(fns.finish, batch_size=None, batch_format=FORMAT, num_cpus=last_cpus)
     return ds.map_batches(fns.stage, batch_size=stage_rows, batch_format=FORMAT, num_cpus=last_cpus,
-                          fn_kwargs={"out": job.output, "run_id": run_id, "storage": _storage(job)})
-
-
-def _storage(job: JobConfig) -> dict:
-    """The job's storage settings for the stage functions (the actor stages get the whole
-    job): fsspec options, timeout and retries, applied the same way in every worker."""
-    return job.storage.model_dump(mode="json")
+                          fn_kwargs={"out": job.output, "run_id": run_id, "storage": job.storage})
 
 
 def _summary(run_id, job, manifest, tally: Tally, mcounts: dict, counts, seconds, driver) -> dict:

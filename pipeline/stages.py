@@ -19,20 +19,21 @@ import traceback
 import numpy as np
 import pyarrow as pa
 
-from breakscene import masks as M
+from breakscene.scenes.masks import decode_rle, encode_rle
 from breakscene.errors import BreakSceneError, StorageError, output_fault
-from breakscene.quality import score_masks, select_masks
+from breakscene.quality.score import score_masks, select_masks
 # SUPPORTED_FORMATS: the library's one format rule (extract and the pipeline), re-exported
-from breakscene.scene import (SUPPORTED_FORMATS, build_scene, decode_image, load_mask_image,  # noqa: F401
+from breakscene.scenes.scene import (SUPPORTED_FORMATS, build_scene, decode_image, load_mask_image,  # noqa: F401
                               mask_from_image, overlap_warnings)
-from breakscene.storage import read_bytes
-from breakscene.strictjson import finite
+from breakscene.files.storage import read_bytes
+from breakscene.files.strictjson import finite
 
-from . import records as R
-from .artifacts import write_output
-from .batches import apply_storage, batch_like, rows_of
-from .config import JobConfig
-from .status import Status
+from pipeline.records import (DONE_STATUSES, build_record, bundle_uri, clear_partial_bundle, read_record, record_uri, uri_id, write_record)
+from batchjob.artifacts import write_output
+from pipeline.batches import batch_like, rows_of
+from batchjob.settings import apply_storage
+from pipeline.stage_settings import ExtractSettings, SegmentSettings, SelectSettings
+from pipeline.status import Status
 
 log = logging.getLogger(__name__)
 USER = "user"  # the source of a mask the manifest gave
@@ -86,7 +87,7 @@ def load_images(batch: pa.Table, storage: dict | None = None, claims=None) -> pa
     """Fetch and decode each image; assign a content-hash id where the manifest gave none.
     ``claims`` (a ContentClaims actor, or an instance): rows of content an earlier row
     holds are marked "duplicate" before decoding, with one call per batch (rows repeating
-    an id-less row's URI never get here: ``manifest.read_shard``). Rows that are not
+    an id-less row's URI never get here: ``shards.read_shard``). Rows that are not
     "ok" pass untouched.
     ``storage``: the job's storage settings (``StorageConfig`` as a dict: fsspec options,
     the timeout and retries of each fetch). A plain task: no model to keep, so no actor."""
@@ -121,7 +122,7 @@ def load_images(batch: pa.Table, storage: dict | None = None, claims=None) -> pa
 def _decode(row: dict) -> None:
     try:
         warnings: list[str] = []
-        # the library's rule (breakscene.scene.SUPPORTED_FORMATS), as for `breakscene extract`
+        # the library's rule (breakscene.scenes.scene.SUPPORTED_FORMATS), as for `breakscene extract`
         image = decode_image(row["image_bytes"], row["image_uri"], warnings)
         _warn(row, warnings)
         row.update(width=image.width, height=image.height)
@@ -132,7 +133,7 @@ def _decode(row: dict) -> None:
 def _load_failed(row: dict, exc: BaseException) -> None:
     _fail(row, exc, "load")
     row["image_bytes"] = b""
-    row["image_id"] = row["image_id"] or R.uri_id(row["image_uri"])
+    row["image_id"] = row["image_id"] or uri_id(row["image_uri"])
 
 
 def _claim(rows: list[dict], claims) -> None:
@@ -157,18 +158,18 @@ def _claim(rows: list[dict], claims) -> None:
 class Segment:
     """User masks when the row has them, else the configured automatic segmenter."""
 
-    def __init__(self, job: dict) -> None:
-        self.job = JobConfig.model_validate(job)
-        self.job.storage.apply()
+    def __init__(self, settings: SegmentSettings) -> None:
+        apply_storage(settings.storage)
+        self.settings = settings
         self._segmenter = None  # built on first use: rows with masks need no model
-        self.kind = self.job.segmenter.kind
+        self.kind = settings.segmenter.kind
 
     @property
     def segmenter(self):
         if self._segmenter is None:
-            from .segmenters import build_segmenter
+            from batchjob.segmenters import build_segmenter
 
-            self._segmenter = build_segmenter(self.job.segmenter)
+            self._segmenter = build_segmenter(self.settings.segmenter)
         return self._segmenter
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -221,19 +222,20 @@ class Segment:
 def mask_entries(found: list[dict]) -> list[dict]:
     """The row's ``masks`` from a segmenter's (or the user's) masks: RLE, source, scores
     (a non-finite score is null, as in the tables and records), the user mask's file."""
-    return [{"rle": M.encode_rle(m["mask"]), "source": m["source"], "predicted_iou": finite(m["predicted_iou"]),
+    return [{"rle": encode_rle(m["mask"]), "source": m["source"], "predicted_iou": finite(m["predicted_iou"]),
              "stability_score": finite(m["stability_score"]), "mask_uri": m.get("mask_uri")} for m in found]
 
 
 class ScoreAndSelect:
     """Quality features and the predicted-IoU ``quality`` of every mask (from the masks and
-    the decoded photograph); choose the concepts (user masks: all of them). The job is
-    read and its storage settings applied once, in ``__init__``."""
+    the decoded photograph); choose the concepts. User masks all become concepts (up to
+    ``max_concepts``) unless ``selection.filter_user_masks`` holds them to the same quality
+    gate as automatic masks. Storage settings are applied once, in ``__init__``."""
 
-    def __init__(self, job: dict) -> None:
-        job_cfg = JobConfig.model_validate(job)
-        job_cfg.storage.apply()
-        self.selection = job_cfg.selection
+    def __init__(self, settings: SelectSettings) -> None:
+        apply_storage(settings.storage)
+        self.selection = settings.selection
+        self.max_concepts = settings.max_concepts
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = rows_of(batch)
@@ -251,7 +253,7 @@ class ScoreAndSelect:
     def score_row(self, row: dict) -> None:
         sel = self.selection
         found = row["masks"]
-        masks = [M.decode_rle(m["rle"]) for m in found]
+        masks = [decode_rle(m["rle"]) for m in found]
         size = (int(row["width"]), int(row["height"]))
         warnings: list[str] = []
         gt = [mask_from_image(load_mask_image(u), u, size, warnings) for u in row["gt_mask_uris"]]
@@ -260,13 +262,13 @@ class ScoreAndSelect:
         image = np.asarray(decode_image(row["image_bytes"], row["image_uri"]))
         feats = score_masks(image, masks, predicted_ious=[f["predicted_iou"] for f in found],
                             stability_scores=[f["stability_score"] for f in found], gt_masks=gt)
-        if found and found[0]["source"] == USER:
-            chosen = list(range(min(len(masks), sel.max_concepts)))
-            if len(masks) > sel.max_concepts:
-                _warn(row, [f"{len(masks)} user masks; the first {sel.max_concepts} become concepts"])
+        if found and found[0]["source"] == USER and not sel.filter_user_masks:
+            chosen = list(range(min(len(masks), self.max_concepts)))
+            if len(masks) > self.max_concepts:
+                _warn(row, [f"{len(masks)} user masks; the first {self.max_concepts} become concepts"])
             reason = None
         else:
-            chosen, reason = select_masks(feats, masks, sel.max_concepts, sel.min_quality, sel.min_area,
+            chosen, reason = select_masks(feats, masks, self.max_concepts, sel.min_quality, sel.min_area,
                                           sel.max_area, sel.max_overlap, sel.min_center_fraction)
         names = row["mask_uris"] or [f"mask{i}" for i in range(len(masks))]  # as the masks table
         _warn(row, overlap_warnings([masks[i] for i in chosen], [names[i] for i in chosen]))
@@ -276,27 +278,27 @@ class ScoreAndSelect:
             row["status"], row["error"] = Status.SKIPPED, f"select: {reason}"
 
 
-def score_and_select(batch: pa.Table, job: dict) -> pa.Table:
+def score_and_select(batch: pa.Table, settings: SelectSettings) -> pa.Table:
     """``ScoreAndSelect`` as a plain Ray Data task (no model to keep, so no actor pool):
     its setup is once per batch, not per row."""
-    return ScoreAndSelect(job)(batch)
+    return ScoreAndSelect(settings)(batch)
 
 
 class Extract:
     """The library's Extractor, loaded once per actor; writes bundle, then record."""
 
-    def __init__(self, job: dict, run_id: str, threads: int | None = None) -> None:
+    def __init__(self, settings: ExtractSettings, run_id: str, threads: int | None = None) -> None:
         import torch
 
-        from breakscene.extractor import Extractor
+        from breakscene.extraction.extractor import Extractor
 
         if threads:
             torch.set_num_threads(threads)
-        self.job = JobConfig.model_validate(job)
+        apply_storage(settings.storage)
+        self.settings = settings
         self.run_id = run_id
-        self.job.storage.apply()
-        self.extractor = Extractor(self.job.model.id, self.job.model.revision, runtime=self.job.model.runtime,
-                                   max_concepts=self.job.extract.max_concepts, progress=False)
+        self.extractor = Extractor(settings.model.id, settings.model.revision, runtime=settings.model.runtime,
+                                   max_concepts=settings.extract.max_concepts, progress=False)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = rows_of(batch)
@@ -310,38 +312,38 @@ class Extract:
             # a duplicate's twin's record is the image's record: writing one would overwrite
             # it; a resumed row is already done in the tables
             return
-        out = self.job.output
+        out = self.settings.output
         start = time.perf_counter()
         started_at = time.time()
         if row["status"] == Status.OK:
-            uri = R.record_uri(out, row["image_id"])
-            existing = R.read_record(uri)
-            if existing is not None and existing["image"]["status"] in R.DONE_STATUSES and not self.job.force:
+            uri = record_uri(out, row["image_id"])
+            existing = read_record(uri)
+            if existing is not None and existing["image"]["status"] in DONE_STATUSES and not self.settings.force:
                 # an earlier attempt's record holds the image's rows: the staging stage stages them
                 row["status"], row["record_uri"] = Status.RESUMED, uri
                 return
             try:
-                R.clear_partial_bundle(out, row["image_id"])  # a killed attempt's leftovers, this image only
+                clear_partial_bundle(out, row["image_id"])  # a killed attempt's leftovers, this image only
                 self._extract(row)
             except Exception as exc:  # noqa: BLE001
                 if output_fault(exc):  # a full or read-only output: every row after it would fail too
                     raise
                 _fail(row, exc, "extract")
         _time(row, "extract", time.perf_counter() - start)
-        record = R.build_record(row, self.run_id)
+        record = build_record(row, self.run_id)
         # wall-clock window of the work, for the actor-utilisation benchmark
         record["image"].update(extract_started_at=started_at, extract_ended_at=time.time())
-        write_output(R.record_uri(out, row["image_id"]), lambda: R.write_record(out, record))
+        write_output(record_uri(out, row["image_id"]), lambda: write_record(out, record))
 
     def _extract(self, row: dict) -> None:
         """Train the row's selected masks; its ``concepts`` and ``bundle_uri`` once the bundle is written."""
         found, chosen = row["masks"], row["selected"]
         scene = build_scene(row["image_bytes"], row["image_uri"],
-                            [(f"mask{i}", M.decode_rle(found[i]["rle"])) for i in chosen],
-                            self.job.extract.max_concepts)
+                            [(f"mask{i}", decode_rle(found[i]["rle"])) for i in chosen],
+                            self.settings.extract.max_concepts)
         words = row["labels"][: len(chosen)] if found and found[0]["source"] == USER else []
-        bundle = R.bundle_uri(self.job.output, row["image_id"])
-        result = self.extractor.extract(scene, self.job.extract, out=bundle, init_words=words)
+        bundle = bundle_uri(self.settings.output, row["image_id"])
+        result = self.extractor.extract(scene, self.settings.extract, out=bundle, init_words=words)
         row["concepts"] = concept_rows(result, chosen, row["features"])
         row["bundle_uri"] = bundle
 

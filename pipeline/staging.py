@@ -10,15 +10,15 @@ from __future__ import annotations
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from breakscene.strictjson import finite
+from breakscene.files.strictjson import finite
 
-from . import records as R
-from . import tables as T
-from .artifacts import write_output
-from .batches import apply_storage
-from .doneset import resolve
-from .row import STAGES
-from .status import Status
+from pipeline.records import build_record, read_record, table_rows
+from pipeline.tables import stage_rows, staging_dir
+from batchjob.artifacts import write_output
+from batchjob.settings import apply_storage
+from pipeline.doneset import resolve
+from pipeline.row import STAGES
+from pipeline.status import Status
 
 SUMMARY_SCHEMA = pa.schema([
     ("image_id", pa.string()), ("manifest_row", pa.int64()), ("manifest_label", pa.string()),
@@ -71,10 +71,10 @@ def table_records(batch: pa.Table, run_id: str) -> list[dict]:
     records = []
     for row in batch.drop_columns(["image_bytes"]).filter(kept).to_pylist():
         if row["record_uri"] is not None:
-            records.append(R.read_record(row["record_uri"]))
+            records.append(read_record(row["record_uri"]))
             continue
         # finite: as a record read back from its JSON (a non-finite value is null)
-        record = finite(R.build_record(row, run_id))
+        record = finite(build_record(row, run_id))
         for entry, mask in zip(record["masks"], row["masks"]):
             entry["mask_uri"] = mask["mask_uri"]
         records.append(record)
@@ -96,8 +96,8 @@ def stage_tables(batch: pa.Table, out: str, run_id: str, storage: dict | None = 
     apply_storage(storage)
     records = table_records(batch, run_id)
     if records:
-        for name, table in R.table_rows(records).items():
-            write_output(T.staging_dir(out, run_id), lambda: T.stage_rows(out, run_id, name, table))
+        for name, table in table_rows(records).items():
+            write_output(staging_dir(out, run_id), lambda: stage_rows(out, run_id, name, table))
     return summary_rows(batch)
 
 

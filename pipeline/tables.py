@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
-from breakscene.storage import S3_PROTOCOLS, filesystem, io_settings, join, remove, s3_settings, write_bytes
+from breakscene.files.storage import S3_PROTOCOLS, filesystem, io_settings, join, remove, s3_settings, write_bytes
 
 SCHEMA_VERSION = 3  # 3: masks.mask_uri (tables of version 2 are read and appended to as they are)
 STAGING = "_staging"

@@ -9,7 +9,7 @@ how Break-A-Scene's concepts degrade as the masks it is given get worse.
 - ``report``: ``breakscene report`` (figures, tables, HTML from ``templates/``)
 
 Shares with ``pipeline/`` only its public helpers: cluster start-up and GPU sharing
-(``pipeline.cluster``), done-markers and Parquet files (``pipeline.artifacts``), and the
-job file's building blocks (``pipeline.config``). The mask maths (``breakscene.noise``,
-``breakscene.masks``) stays in the library.
+(``batchjob.cluster``), done-markers and Parquet files (``batchjob.artifacts``), and the
+job file's building blocks (``pipeline.config``). The mask maths (``breakscene.scenes.noise``,
+``breakscene.scenes.masks``) stays in the library.
 """

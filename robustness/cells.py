@@ -1,13 +1,13 @@
 """The study's outputs: one JSON document per measured cell (OUT/cells/<cell_id>.json, the
 done-marker, holding the cell's measurement rows) and the measurements table rebuilt from
-all of them (OUT/measurements/part-0.parquet), through ``pipeline.artifacts``."""
+all of them (OUT/measurements/part-0.parquet), through ``batchjob.artifacts``."""
 from __future__ import annotations
 
 import pandas as pd
 import pyarrow as pa
 
-from breakscene.storage import join
-from pipeline.artifacts import read_json_folder, write_parquet
+from breakscene.files.storage import join
+from batchjob.artifacts import read_json_folder, write_parquet
 
 MEASUREMENT_COLUMNS = ["cell_id", "scene_id", "concept_index", "family", "severity", "seed", "config", "status",
                        "reason", "mask_iou", "mask_boundary_f", "predicted_quality", "quality_version",

@@ -15,16 +15,16 @@ import time
 import numpy as np
 
 from breakscene.errors import BreakSceneError
-from breakscene.storage import join
-from pipeline.artifacts import write_json
-from pipeline.cluster import auto_gpus, init_ray
-from pipeline.lease import Lease
-from pipeline.preflight import check_output_folder, claim_output_folder
+from breakscene.files.storage import join
+from batchjob.artifacts import write_json
+from batchjob.cluster import auto_gpus, init_ray
+from batchjob.lease import Lease
+from batchjob.preflight import check_output_folder, claim_output_folder
 
-from .cells import read_cells, write_measurements
-from .grid import StudyConfig, axis_combos, build_cells
-from .groundtruth import collect_scenes
-from .workers import StudyWorker
+from robustness.cells import read_cells, write_measurements
+from robustness.grid import StudyConfig, axis_combos, build_cells
+from robustness.groundtruth import collect_scenes
+from robustness.workers import StudyWorker
 
 OVERHEAD = 1.5  # diagnostic, evaluation and bundle, measured at roughly half the training time
 
@@ -47,8 +47,8 @@ def estimate_gpu_hours(cfg: StudyConfig, n_cells: int, done: dict[str, dict]) ->
 def calibrate(cfg: StudyConfig) -> float:
     """Seconds per training step of the study's model: three steps of each phase on a
     generated scene, no prior, no grid."""
-    from breakscene.extractor import Extractor
-    from breakscene.synthetic import generated_extract_scene
+    from breakscene.extraction.extractor import Extractor
+    from breakscene.scenes.synthetic import generated_extract_scene
 
     ex = Extractor(cfg.model.id, cfg.model.revision, runtime=cfg.model.runtime, progress=False)
     scene = generated_extract_scene(0, 128, "calibration")

@@ -60,7 +60,7 @@ class DinoEmbedder:
 def tiny_clip():
     from transformers import CLIPConfig, CLIPModel
 
-    from breakscene.tokenizer import build_preset_tokenizer
+    from breakscene.models.tokenizer import build_preset_tokenizer
 
     tok = build_preset_tokenizer()
     cfg = CLIPConfig(

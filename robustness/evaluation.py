@@ -25,14 +25,14 @@ import torch.nn.functional as F
 from PIL import Image
 from pydantic import Field
 
-from breakscene import masks as M
-from breakscene.attention import token_maps
+from breakscene.scenes.masks import downsample, resize_mask
+from breakscene.method.attention import token_maps
 from breakscene.config import StrictModel
-from breakscene.metrics import attention_diagnostic
-from breakscene.scene import rgb_values
-from breakscene.training import diffusion_target
+from breakscene.method.diagnostics import attention_diagnostic
+from breakscene.scenes.scene import rgb_values
+from breakscene.method.training import diffusion_target
 
-from .embedders import DEFAULT_IDENTITY, DEFAULT_PROMPT
+from robustness.embedders import DEFAULT_IDENTITY, DEFAULT_PROMPT
 
 # Ten fixed templates in the style of the paper's evaluation (its exact list is not in its text).
 TEMPLATES = (
@@ -55,7 +55,7 @@ class EvalConfig(StrictModel):
 
 def _grey_outside(image: Image.Image, mask: np.ndarray) -> Image.Image:
     arr = np.asarray(image.convert("RGB")).copy()
-    m = M.resize_mask(mask, image.size)
+    m = resize_mask(mask, image.size)
     arr[~m] = 128
     return Image.fromarray(arr)
 
@@ -68,7 +68,7 @@ class Evaluator:
         self.identity, self.prompt = identity, prompt
 
     def __call__(self, trained) -> dict:
-        from breakscene.scene import prepare_masks
+        from breakscene.scenes.scene import prepare_masks
 
         data, n, cfg = trained.tensors, trained.num_concepts, trained.config
         resolution = data.masks[0].shape[-1]
@@ -76,7 +76,7 @@ class Evaluator:
         concepts = [{} for _ in range(n)]
         # attention against the clean masks
         maps = trained.attention_maps().cpu().numpy()
-        ref = (M.downsample(clean, data.attn_size) >= 0.5).cpu().numpy()
+        ref = (downsample(clean, data.attn_size) >= 0.5).cpu().numpy()
         for k, d in enumerate(attention_diagnostic(maps, ref, cfg.diagnostic_threshold)):
             concepts[k].update(attention_iou=d["attention_iou"], attention_leak=1 - d["mass_in_mask"],
                                assigned_correct=d["assigned_mask"] == k)
@@ -94,7 +94,7 @@ class Evaluator:
         latents = data.latent_mean[0]
         gen = torch.Generator(device=dev).manual_seed(cfg.diagnostic_seed)
         noise = torch.randn(latents.shape, generator=gen, device=dev)
-        masks = M.downsample(clean, data.latent_size)  # (N, h, w) coverage
+        masks = downsample(clean, data.latent_size)  # (N, h, w) coverage
         outside = 1 - masks.amax(0)
         out = []
         for k in range(trained.num_concepts):

@@ -6,17 +6,17 @@ from __future__ import annotations
 import hashlib
 import itertools
 from dataclasses import asdict
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
 
 from breakscene.config import ExtractConfig, StrictModel
 from robustness.evaluation import EvalConfig
-from breakscene.noise import FAMILIES
-from breakscene.strictjson import to_json
-from pipeline.config import ModelConfig, ResourcesConfig, SegmenterConfig, StorageConfig
+from breakscene.scenes.noise import FAMILIES
+from breakscene.files.strictjson import to_json
+from batchjob.settings import ModelConfig, ResourcesConfig, SegmenterConfig, StorageConfig
 
-from .groundtruth import SceneSources, StudyScene
+from robustness.groundtruth import SceneSources, StudyScene
 
 CLEAN = "clean"
 SEGMENTER = "segmenter:"  # family prefix of real segmenter noise ("segmenter:classical")
@@ -45,6 +45,9 @@ class NoiseGrid(StrictModel):
 
 
 class StudyConfig(StrictModel):
+    REFUSED_KEYS: ClassVar[dict[str, str]] = {
+        "force": "a study never recomputes finished cells; remove its outputs to redo them"}
+
     kind: Literal["study"]
     name: str = "robustness"
     output: str

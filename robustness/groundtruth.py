@@ -11,11 +11,11 @@ from pydantic import Field
 
 from breakscene.config import StrictModel
 from breakscene.errors import SceneError
-from breakscene.scene import decode_image, load_mask_image, mask_from_image
-from breakscene.storage import read_bytes
-from breakscene.synthetic import generated_scene, png_bytes, scene_labels
-from pipeline.config import ManifestConfig
-from pipeline.manifest import read_manifest
+from breakscene.scenes.scene import decode_image, load_mask_image, mask_from_image
+from breakscene.files.storage import read_bytes
+from breakscene.scenes.synthetic import generated_scene, png_bytes, scene_labels
+from batchjob.settings import ManifestConfig
+from batchjob.manifest import read_manifest
 
 
 @dataclass

@@ -33,8 +33,8 @@ import numpy as np
 import pandas as pd
 
 from breakscene.errors import BreakSceneError
-from breakscene.storage import exists, folder_state, join, read_bytes, refuse_foreign
-from breakscene.strictjson import to_json
+from breakscene.files.storage import exists, folder_state, join, read_bytes, refuse_foreign
+from breakscene.files.strictjson import to_json
 
 log = logging.getLogger(__name__)
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

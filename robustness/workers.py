@@ -14,16 +14,16 @@ import pandas as pd
 
 from breakscene.config import ExtractConfig
 from breakscene.errors import BreakSceneError
-from breakscene.masks import iou
-from breakscene.noise import boundary_f_score, match_masks, perturb
-from breakscene.quality import score_masks
-from breakscene.scene import build_scene, decode_image
-from breakscene.storage import exists, join
-from pipeline.artifacts import write_json
+from breakscene.scenes.masks import iou
+from breakscene.scenes.noise import boundary_f_score, match_masks, perturb
+from breakscene.quality.score import score_masks
+from breakscene.scenes.scene import build_scene, decode_image
+from breakscene.files.storage import exists, join
+from batchjob.artifacts import write_json
 
-from .cells import cell_uri
-from .grid import CLEAN, SEGMENTER, StudyConfig
-from .groundtruth import StudyScene, load_clean
+from robustness.cells import cell_uri
+from robustness.grid import CLEAN, SEGMENTER, StudyConfig
+from robustness.groundtruth import StudyScene, load_clean
 
 
 def perturbed(clean: np.ndarray, family: str, severity: float, seed: int) -> list[np.ndarray]:
@@ -65,7 +65,7 @@ class StudyWorker:
         import torch
 
         from robustness.embedders import build_embedder
-        from breakscene.extractor import Extractor
+        from breakscene.extraction.extractor import Extractor
 
         if threads:
             torch.set_num_threads(threads)
@@ -96,7 +96,7 @@ class StudyWorker:
     def segment(self, name: str, image: np.ndarray) -> list[np.ndarray]:
         """The masks segmenter ``name`` finds in ``image``."""
         if name not in self.segmenters:
-            from pipeline.segmenters import build_segmenter
+            from batchjob.segmenters import build_segmenter
 
             self.segmenters[name] = build_segmenter(self.cfg.segmenter.model_copy(update={"kind": name}))
         return [m["mask"] for m in self.segmenters[name](image)]

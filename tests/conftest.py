@@ -24,7 +24,7 @@ def isolated_cache(tmp_path_factory):
 def fresh_io_settings():
     """A test that applies a job's storage settings does not leak them into the next one."""
     yield
-    from breakscene import storage
+    from breakscene.files import storage
 
     storage.reset_io_settings()
 
@@ -38,7 +38,7 @@ def examples() -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_extractor():
-    from breakscene.extractor import Extractor
+    from breakscene.extraction.extractor import Extractor
 
     return Extractor("tiny", progress=False)
 

@@ -3,8 +3,8 @@ from accelerate import init_empty_weights
 from diffusers import UNet2DConditionModel
 from diffusers.models.attention_processor import AttnProcessor2_0
 
-from breakscene.attention import AttentionStore, CaptureAttnProcessor, install_capture, layer_downsample
-from breakscene.presets import SD21_BASE_RANDOM, TINY
+from breakscene.method.attention import AttentionStore, CaptureAttnProcessor, install_capture, layer_downsample
+from breakscene.models.presets import SD21_BASE_RANDOM, TINY
 
 
 def test_sd21_loss_layers_are_the_five_16x16_cross_attentions():

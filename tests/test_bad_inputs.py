@@ -16,7 +16,7 @@ import yaml
 from PIL import Image
 
 from conftest import ROOT, write_scene
-from pipeline.cli import main
+from commands.main import main
 from net_helpers import refused_url, silent_server, status_server
 
 CHEAP = ["--model", "tiny", "--phase1-steps", "1", "--phase2-steps", "1", "--no-prior-preservation",
@@ -112,7 +112,7 @@ def test_extract_refuses_an_unwritable_output_before_any_work(tmp_path, capsys):
 
 def test_replacing_a_bundle_stays_allowed(tmp_path):
     from breakscene.errors import OutputError
-    from breakscene.outputs import check_output_dir
+    from breakscene.files.output_checks import check_output_dir
 
     bundle = tmp_path / "b"
     bundle.mkdir()
@@ -170,7 +170,7 @@ def test_extract_from_a_silent_server_ends_with_an_error_line(tmp_path):
     with silent_server() as url:
         start = time.perf_counter()
         proc = subprocess.run(
-            [sys.executable, "-m", "pipeline.cli", "extract", "--image", f"{url}/img.png", "--mask",
+            [sys.executable, "-m", "commands.main", "extract", "--image", f"{url}/img.png", "--mask",
              f"{url}/mask0.png", "--out", str(tmp_path / "out"), *CHEAP], cwd=ROOT, capture_output=True,
             text=True, timeout=240,
             env={**os.environ, "BREAKSCENE_IO_TIMEOUT_S": "1", "BREAKSCENE_IO_RETRIES": "1"})
@@ -292,7 +292,7 @@ def test_job_storage_timeouts_are_validated(tmp_path, capsys):
 
 def test_masks_of_the_pipeline_follow_the_same_rule(tmp_path):
     """A 0/1 mask given in a manifest is read as by extract (not 'empty')."""
-    from breakscene.scene import load_mask_image, mask_from_image
+    from breakscene.scenes.scene import load_mask_image, mask_from_image
 
     m = np.zeros((64, 96), np.uint8)
     m[20:40, 30:50] = 1
@@ -363,8 +363,8 @@ def test_report_refuses_to_replace_what_it_did_not_write(tmp_path, capsys, case)
 
 
 def test_a_second_study_on_the_same_output_is_refused(tmp_path, capsys):
-    from pipeline.lease import Lease
-    from pipeline.preflight import claim_output_folder
+    from batchjob.lease import Lease
+    from batchjob.preflight import claim_output_folder
 
     out = tmp_path / "study"
     job = {"kind": "study", "name": "probe", "output": str(out), "model": {"id": "tiny"},

@@ -14,8 +14,8 @@ import pytest
 
 from breakscene.errors import BreakSceneError
 from conftest import ROOT, write_scene
-from pipeline.cli import main
-from pipeline.jobfile import load_job
+from commands.main import main
+from commands.jobs import load_job
 
 CHEAP = ["--model", "tiny", "--phase1-steps", "1", "--phase2-steps", "1", "--no-prior-preservation",
          "--resolution", "32", "--grid-seeds", "0"]
@@ -63,12 +63,12 @@ def test_a_job_file_resolution_above_the_bound_is_refused(tmp_path):
 def test_a_step_the_machine_cannot_hold_is_refused_before_the_model_loads(tmp_path, capsys, monkeypatch):
     """sd21-base-random at 2048 px, 256 images a step: terabytes predicted on the meta device,
     refused without building the model's weights."""
-    import breakscene.resident
+    import breakscene.models.resident
 
     def no_load(*args, **kwargs):
         raise AssertionError("the model was loaded before its memory was checked")
 
-    monkeypatch.setattr(breakscene.resident, "load_models", no_load)
+    monkeypatch.setattr(breakscene.models.resident, "load_models", no_load)
     start = time.perf_counter()
     code, err = extract(capsys, tmp_path, "--model", "sd21-base-random", "--resolution", "2048",
                         "--batch-size", "256", "--device", "cpu")
@@ -79,10 +79,10 @@ def test_a_step_the_machine_cannot_hold_is_refused_before_the_model_loads(tmp_pa
 
 @pytest.mark.parametrize("where", ["preset", "folder"])
 def test_the_meta_model_predicts_what_the_loaded_model_predicts(tmp_path, where):
-    from breakscene.budget import meta_models
+    from breakscene.models.budget import meta_models
     from breakscene.config import ExtractConfig
-    from breakscene.memory import predict_step_memory
-    from breakscene.models import load_models
+    from breakscene.models.memory import predict_step_memory
+    from breakscene.models.loading import load_models
 
     model = "tiny"
     if where == "folder":
@@ -100,9 +100,9 @@ def test_on_cuda_a_step_is_judged_as_the_extractor_will_run_it():
     does not fit even checkpointed (in mixed precision); the CPU trains fp32 as configured."""
     import torch
 
-    from breakscene.budget import meta_models, predicted_peak
+    from breakscene.models.budget import meta_models, predicted_peak
     from breakscene.config import ExtractConfig, RuntimeConfig
-    from breakscene.memory import predict_step_memory
+    from breakscene.models.memory import predict_step_memory
 
     meta, cfg = meta_models("tiny"), ExtractConfig(resolution=256)
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
@@ -198,7 +198,7 @@ def test_non_finite_values_in_a_job_file_are_named(tmp_path):
 
 
 def test_strict_json_writes_null_for_non_finite_values():
-    from breakscene.strictjson import to_json
+    from breakscene.files.strictjson import to_json
 
     text = to_json({"iou": float("nan"), "loss": [1.5, float("inf")], "t": (float("-inf"),), "n": None}, indent=1)
     assert json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} is not JSON")) == \
@@ -208,7 +208,7 @@ def test_strict_json_writes_null_for_non_finite_values():
 
 
 def test_a_record_with_a_nan_metric_is_strict_json(tmp_path):
-    from pipeline.artifacts import write_json
+    from batchjob.artifacts import write_json
 
     write_json(str(tmp_path / "r.json"), {"concepts": [{"attention_iou": float("nan")}]})
     text = (tmp_path / "r.json").read_text()
@@ -226,7 +226,7 @@ def test_no_module_writes_json_but_through_the_strict_helper():
                 if isinstance(node, ast.Attribute) and node.attr in ("dumps", "dump") \
                         and isinstance(node.value, ast.Name) and node.value.id == "json":
                     found.append(f"{path.relative_to(ROOT)}:{node.lineno}")
-    assert not found, f"use breakscene.strictjson.to_json: {found}"
+    assert not found, f"use breakscene.files.strictjson.to_json: {found}"
 
 
 # --- 4. seeds -------------------------------------------------------------------

@@ -6,13 +6,13 @@ import pytest
 import torch
 from conftest import write_scene
 
-from breakscene import masks as M
+from breakscene.scenes.masks import downsample
 from breakscene.config import ExtractConfig
-from breakscene.models import load_models
-from breakscene.sampling import sample_subset
-from breakscene.scene import load_scene_dir, prepare_scene
-from breakscene.tensors import class_tensors, draw_batch, encode_latents, scene_tensors
-from breakscene.tokens import AssetTokens
+from breakscene.models.loading import load_models
+from breakscene.method.union_sampling import sample_subset
+from breakscene.scenes.scene import load_scene_dir, prepare_scene
+from breakscene.extraction.tensors import class_tensors, draw_batch, encode_latents, scene_tensors
+from breakscene.method.tokens import AssetTokens
 
 CPU = torch.device("cpu")
 # three boxes of different sizes, none mirror-symmetric: red, green, blue
@@ -66,8 +66,8 @@ def test_each_prompt_position_carries_its_own_concepts_mask(parts):
         orders.append(chosen)
         assert positions == sorted(positions)  # the prompt names the tokens in the subset's order
         chosen_masks = tensors.masks[0][chosen]
-        assert torch.equal(batch.attn_masks[b], M.downsample(chosen_masks, tensors.attn_size))
-        assert torch.equal(batch.union_mask[b], M.downsample(chosen_masks.amax(0, keepdim=True),
+        assert torch.equal(batch.attn_masks[b], downsample(chosen_masks, tensors.attn_size))
+        assert torch.equal(batch.union_mask[b], downsample(chosen_masks.amax(0, keepdim=True),
                                                              tensors.latent_size))
     assert any(o != sorted(o) for o in orders)  # a later concept named first happens
     assert {len(o) for o in orders} == {1, 2, 3}

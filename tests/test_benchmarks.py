@@ -33,17 +33,17 @@ def test_extract_benchmark_runs_with_baseline_and_parity():
 def test_authors_flow_does_the_scripts_per_step_work(tiny_extractor, examples, tmp_path, monkeypatch):
     """Per step: a class image read from its file, both prompts tokenised, every layer's
     probabilities copied by the controller; its losses match ours on the same weights."""
-    import benchmarks.authors_flow as A
+    from benchmarks.authors_flow import AuthorsFlow, Image, generate_class_files
     from breakscene.config import ExtractConfig
-    from breakscene.scene import load_scene_dir
+    from breakscene.scenes.scene import load_scene_dir
 
     cfg = ExtractConfig(prior={"num_class_images": 2, "generation_steps": 1}, grid_seeds=0)
     prepared = tiny_extractor.prepare(load_scene_dir(examples / "bear"), cfg)
-    files = A.generate_class_files(tiny_extractor, cfg, 64, tmp_path)
+    files = generate_class_files(tiny_extractor, cfg, 64, tmp_path)
     assert [f.suffix for f in files] == [".jpg", ".jpg"]
     opened, tokenized = [], []
-    monkeypatch.setattr(A.Image, "open", lambda path, open_=A.Image.open: opened.append(path) or open_(path))
-    flow = A.AuthorsFlow(tiny_extractor, prepared, files, cfg)
+    monkeypatch.setattr(Image, "open", lambda path, open_=Image.open: opened.append(path) or open_(path))
+    flow = AuthorsFlow(tiny_extractor, prepared, files, cfg)
     tokenize = flow.tokenize
     monkeypatch.setattr(flow, "tokenize", lambda text: tokenized.append(text) or tokenize(text))
     tiny_extractor.models.unet.train()

@@ -14,11 +14,11 @@ import pytest
 import torch
 from PIL import Image
 
-from breakscene import bundle as bundle_io
-from breakscene.generate import generate_images, grid_cell, sample_grid
-from breakscene.scene import load_scene_dir
+from breakscene.files import bundle as bundle_io
+from breakscene.extraction.generate import generate_images, grid_cell, sample_grid
+from breakscene.scenes.scene import load_scene_dir
 from conftest import quick_config, write_scene
-from pipeline.cli import main
+from commands.main import main
 
 FAST = ["--phase1-steps", "2", "--phase2-steps", "2", "--num-class-images", "2", "--grid-seeds", "2"]
 PROJECT = ("breakscene", "pipeline", "benchmarks")
@@ -50,7 +50,7 @@ def bundles(tmp_path_factory, tiny_extractor):
 def test_layout_loads_with_diffusers_own_loaders(bundles):
     from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
 
-    from breakscene.models import load_models
+    from breakscene.models.loading import load_models
 
     lora = bundles["lora"]
     info = bundle_io.read_manifest(str(lora))

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from conftest import ROOT, write_scene
-from pipeline.cli import main
+from commands.main import main
 
 FAST = ["--phase1-steps", "3", "--phase2-steps", "3", "--num-class-images", "2", "--grid-seeds", "1"]
 
@@ -68,7 +68,7 @@ def test_generate_never_replaces_an_existing_file_unless_forced(cli_bundle, tmp_
 
 
 def test_extract_on_a_saved_diffusers_folder(tmp_path, capsys):
-    from breakscene.models import load_models
+    from breakscene.models.loading import load_models
 
     load_models("tiny").save_pretrained(tmp_path / "model")
     scene = write_scene(tmp_path / "scene")
@@ -107,6 +107,6 @@ def test_bad_input_exits_2_and_leaves_nothing(tmp_path, capsys, case, message):
 
 
 def test_console_script_runs():
-    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "extract", "--help"], cwd=ROOT,
+    proc = subprocess.run([sys.executable, "-m", "commands.main", "extract", "--help"], cwd=ROOT,
                           capture_output=True, text=True)
     assert proc.returncode == 0 and "--phase2-mode" in proc.stdout

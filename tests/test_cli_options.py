@@ -9,7 +9,7 @@ import pytest
 
 from breakscene.config import ExtractConfig
 from conftest import ROOT
-from pipeline.cli import build_parser, main
+from commands.main import build_parser, main
 
 VERSION = importlib.metadata.version("breakscene")
 COMMANDS = ["extract", "generate", "run", "submit", "report"]
@@ -36,7 +36,7 @@ def test_version_comes_from_the_package_metadata(capsys):
         main(["--version"])
     assert exc.value.code == 0
     assert capsys.readouterr().out.strip() == f"breakscene {VERSION}"
-    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "--version"], cwd=ROOT, capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", "commands.main", "--version"], cwd=ROOT, capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 0 and proc.stdout.strip() == f"breakscene {VERSION}"
 
@@ -84,7 +84,7 @@ def test_log_level_and_verbose_set_the_project_loggers(argv, level, tmp_path, ca
 
 
 def test_log_output_reaches_stderr_of_the_console_script(tmp_path):
-    cmd = [sys.executable, "-m", "pipeline.cli", "--log-level", "debug", "report", str(tmp_path / "x"),
+    cmd = [sys.executable, "-m", "commands.main", "--log-level", "debug", "report", str(tmp_path / "x"),
            "--out", str(tmp_path / "r")]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
@@ -102,7 +102,7 @@ def test_a_bad_log_level_is_a_usage_error(capsys):
 
 
 def test_finishing_the_parser_twice_is_harmless():
-    from breakscene.cli_options import finish_parser
+    from commands.options import finish_parser
 
     parser = finish_parser(finish_parser(build_parser()))
     assert parser.parse_args(["-v", "report", "x", "--out", "y"]).verbose == 1
@@ -125,7 +125,7 @@ def test_a_mistyped_flag_is_one_error_with_a_suggestion(capsys, argv, hint):
 
 
 def test_unique_prefixes_and_values_after_a_double_dash_are_not_flagged(capsys):
-    from breakscene.cli_options import unknown_flags
+    from commands.options import unknown_flags
 
     parser = build_parser()
     assert unknown_flags(parser, ["extract", "--phase1-step", "3", "--out", "o"]) is None  # argparse's abbreviation
@@ -135,7 +135,7 @@ def test_unique_prefixes_and_values_after_a_double_dash_are_not_flagged(capsys):
 def test_every_option_has_help_text_and_one_output_name():
     import argparse
 
-    from breakscene.cli_options import finish_parser
+    from commands.options import finish_parser
 
     parser = finish_parser(build_parser())
     subs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
@@ -149,7 +149,7 @@ def test_every_option_has_help_text_and_one_output_name():
 
 
 def test_smoke_is_two_plus_two_steps_without_prior_or_grid_and_flags_win():
-    from breakscene.cli import config_from_args
+    from commands.library import config_from_args
 
     parser = build_parser()
     cfg = config_from_args(parser.parse_args(["extract", "--scene", "s", "--out", "o", "--smoke"]))

@@ -4,7 +4,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline import doneset as D
+from pipeline import doneset
 from pipeline.doneset import DoneSet, resolve
 
 
@@ -18,7 +18,7 @@ def test_membership_matches_is_in_on_awkward_ids():
 
 def test_a_hash_collision_never_marks_an_id_done(monkeypatch):
     """Every id hashed to the same value: only the exact ids are found."""
-    monkeypatch.setattr(D, "hash_ids", lambda ids: np.zeros(len(ids), np.uint64))
+    monkeypatch.setattr(doneset, "hash_ids", lambda ids: np.zeros(len(ids), np.uint64))
     done = DoneSet(pa.array(["b", "d", "a"]))
     assert done.contains(pa.array(["a", "c", "d", None, "e", "b"])).tolist() == [True, False, True, False,
                                                                                  False, True]

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT
-from pipeline import intent as I
-from pipeline import records as R
-from pipeline import tables as T
+from pipeline.intent import commit_run, intent_uri, pending, roll_forward
+from pipeline.records import read_table, table_rows, write_tables
+from pipeline.tables import STAGING, clear_staging, stage_rows
 from breakscene.failpoints import ENV
 
 BOUNDARIES = ["intent-written", "committed-masks", "committed-concepts", "committed-images", "summary-written"]
@@ -34,14 +34,14 @@ def _record(image_id, status, n_masks, run_id, n_concepts=0):
 
 def _earlier_output(out: str) -> None:
     """A night before: ``a`` done, ``b`` failed (to be retried and replaced by the run)."""
-    R.write_tables(out, [_record("a", "ok", 2, "r0", 2), _record("b", "failed", 3, "r0")], run_id="r0")
+    write_tables(out, [_record("a", "ok", 2, "r0", 2), _record("b", "failed", 3, "r0")], run_id="r0")
 
 
 def _stage(out: str, run_id: str) -> None:
     """What the workers of run ``run_id`` staged: ``b`` retried (now 2 masks and concepts), ``c`` and ``d`` new."""
     records = [_record("b", "ok", 2, run_id, 2), _record("c", "ok", 3, run_id, 3), _record("d", "ok", 1, run_id, 1)]
-    for name, table in R.table_rows(records).items():
-        T.stage_rows(out, run_id, name, table)
+    for name, table in table_rows(records).items():
+        stage_rows(out, run_id, name, table)
 
 
 COMMIT = """
@@ -59,7 +59,7 @@ def _commit_in_child(out: str, run_id: str, failpoint: str | None) -> int:
 
 
 def _one_row_per_key(out: str) -> dict[str, list]:
-    rows = {name: R.read_table(out, name).to_pylist() for name in KEYS}
+    rows = {name: read_table(out, name).to_pylist() for name in KEYS}
     for name, keys in KEYS.items():
         dupes = [k for k, n in Counter(tuple(r[k] for k in keys) for r in rows[name]).items() if n > 1]
         assert not dupes, f"{name}: rows twice for {dupes}"
@@ -81,15 +81,15 @@ def test_a_driver_killed_at_each_commit_boundary_is_rolled_forward_once(tmp_path
     _earlier_output(out)
     _stage(out, "r1")
     assert _commit_in_child(out, "r1", boundary) == -signal.SIGKILL
-    assert Path(I.intent_uri(out, "r1")).is_file()  # killed before the intent was removed
+    assert Path(intent_uri(out, "r1")).is_file()  # killed before the intent was removed
 
-    assert I.roll_forward(out) == ["r1"]  # what the next run, gc or compact does first, under the lease
+    assert roll_forward(out) == ["r1"]  # what the next run, gc or compact does first, under the lease
     _expected(_one_row_per_key(out), "r1")
-    assert I.pending(out) == [] and not (tmp_path / "out" / T.STAGING / "r1").exists()
+    assert pending(out) == [] and not (tmp_path / "out" / STAGING / "r1").exists()
     summary = json.loads((tmp_path / "out" / "runs" / "r1.json").read_text())
     assert summary["tables"] == {"images": 4, "masks": 8, "concepts": 8}
     # a second roll forward, and another run staging nothing, change nothing
-    assert I.roll_forward(out) == []
+    assert roll_forward(out) == []
     _expected(_one_row_per_key(out), "r1")
 
 
@@ -97,12 +97,12 @@ def test_a_run_killed_before_its_intent_commits_nothing_and_its_staging_is_clear
     out = str(tmp_path / "out")
     _earlier_output(out)
     _stage(out, "r1")  # the driver died while the workers were staging
-    assert T.clear_staging(out, keep={i["run_id"] for i in I.pending(out)}) == 1
+    assert clear_staging(out, keep={i["run_id"] for i in pending(out)}) == 1
     rows = _one_row_per_key(out)
     assert sorted(r["image_id"] for r in rows["images"]) == ["a", "b"]
     # the rerun stages the same images again and commits them once
     _stage(out, "r2")
-    I.commit_run(out, "r2", ["images", "masks", "concepts"], {"run_id": "r2"})
+    commit_run(out, "r2", ["images", "masks", "concepts"], {"run_id": "r2"})
     _expected(_one_row_per_key(out), "r2")
 
 
@@ -113,8 +113,8 @@ def test_an_unfinished_run_is_finished_by_the_next_run_in_the_same_commit_sequen
     _earlier_output(out)
     _stage(out, "r1")
     assert _commit_in_child(out, "r1", "committed-masks") == -signal.SIGKILL
-    I.roll_forward(out)
-    R.write_tables(out, [_record("e", "ok", 1, "r2", 1)], run_id="r2")
+    roll_forward(out)
+    write_tables(out, [_record("e", "ok", 1, "r2", 1)], run_id="r2")
     rows = _one_row_per_key(out)
     assert sorted(r["image_id"] for r in rows["images"]) == ["a", "b", "c", "d", "e"]
     assert len(rows["masks"]) == 9
@@ -127,7 +127,7 @@ def test_gc_keeps_the_staging_a_pending_intent_needs(tmp_path):
     _stage(out, "r1")
     assert _commit_in_child(out, "r1", "committed-concepts") == -signal.SIGKILL
     _stage(out, "dead")  # a run killed before its intent: its staging is garbage
-    assert T.clear_staging(out, keep={i["run_id"] for i in I.pending(out)}) == 1
-    assert (tmp_path / "out" / T.STAGING / "r1").is_dir()
-    I.roll_forward(out)
+    assert clear_staging(out, keep={i["run_id"] for i in pending(out)}) == 1
+    assert (tmp_path / "out" / STAGING / "r1").is_dir()
+    roll_forward(out)
     _expected(_one_row_per_key(out), "r1")

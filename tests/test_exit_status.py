@@ -4,8 +4,8 @@ test_pipeline_limits_e2e.py."""
 import pytest
 
 from breakscene.errors import BreakSceneError
-from pipeline.commands import EXIT_TOO_MANY_FAILED, failed_share_message
-from pipeline.jobfile import load_job
+from commands.jobs import EXIT_TOO_MANY_FAILED, failed_share_message
+from commands.jobs import load_job
 
 
 def _counts(ok=0, failed=0, skipped=0, resumed=0, duplicate=0):
@@ -37,7 +37,7 @@ def test_max_failed_fraction_is_validated(tmp_path):
 
 @pytest.mark.parametrize("command", ["run", "submit"])
 def test_exit_codes_are_in_help(command, capsys):
-    from pipeline.cli import main
+    from commands.main import main
 
     with pytest.raises(SystemExit) as done:
         main([command, "--help"])

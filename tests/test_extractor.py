@@ -7,11 +7,11 @@ import torch
 from conftest import quick_config, write_scene
 from PIL import Image
 
-from breakscene import bundle as bundle_io
+from breakscene.files import bundle as bundle_io
 from breakscene.errors import BreakSceneError, SceneError
-from breakscene.generate import sample_grid
-from breakscene.presets import build_preset
-from breakscene.scene import load_scene_dir
+from breakscene.extraction.generate import sample_grid
+from breakscene.models.presets import build_preset
+from breakscene.scenes.scene import load_scene_dir
 
 
 def _regenerated_grid(uri):
@@ -135,7 +135,7 @@ def test_batch_size_two_non_square_no_prior(tiny_extractor, tmp_path):
 
 
 def test_class_images_are_generated_once_and_reused(tiny_extractor, examples, isolated_cache, monkeypatch):
-    from breakscene import prior
+    from breakscene.method import prior
 
     cfg = quick_config(grid_seeds=0, prior={"num_class_images": 2, "generation_steps": 2,
                                             "class_prompt": "a photo in the snow"})
@@ -163,7 +163,7 @@ def test_class_data_dir_is_used(tiny_extractor, examples, tmp_path):
 
 
 def test_failed_bundle_write_leaves_nothing(tiny_extractor, examples, tmp_path, monkeypatch):
-    from breakscene import generate
+    from breakscene.extraction import generate
 
     def boom(*a, **k):
         raise RuntimeError("disk full")

@@ -1,6 +1,6 @@
 """`breakscene gc OUT`: removes only what this project left half-written."""
-from pipeline.cli import main
-from pipeline.preflight import claim_output_folder
+from commands.main import main
+from batchjob.preflight import claim_output_folder
 
 
 def test_gc_removes_our_leftovers_and_nothing_of_the_users(tmp_path, capsys):

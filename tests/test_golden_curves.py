@@ -1,4 +1,4 @@
-"""Safety net for the issue-13 refactor of breakscene/extractor.py: the `tiny` model's loss
+"""Safety net for the issue-13 refactor of breakscene/extraction/extractor.py: the `tiny` model's loss
 curves for a fixed seed stay the numbers recorded before it, and a few settings keep their
 effect. Public names only (Extractor.extract, ExtractionResult, the bundle manifest).
 
@@ -17,9 +17,9 @@ from conftest import quick_config
 from PIL import Image
 from safetensors import safe_open
 
-from breakscene import bundle as bundle_io
-from breakscene.extractor import Extractor
-from breakscene.scene import load_scene_dir
+from breakscene.files import bundle as bundle_io
+from breakscene.extraction.extractor import Extractor
+from breakscene.scenes.scene import load_scene_dir
 
 THREADS = 2
 TERMS = ("total", "diffusion", "attention", "prior")

@@ -9,7 +9,11 @@ import sys
 
 from conftest import ROOT
 
-PACKAGES = [p for p in ("breakscene", "pipeline", "robustness", "benchmarks") if (ROOT / p).is_dir()]
+# The packages from the bottom up: a package may import those of a lower layer only.
+# pipeline/ and robustness/ share a layer and never import each other.
+LAYERS = [("breakscene",), ("batchjob",), ("pipeline", "robustness"), ("commands",), ("benchmarks",)]
+LAYER = {pkg: i for i, names in enumerate(LAYERS) for pkg in names}
+PACKAGES = [p for p in LAYER if (ROOT / p).is_dir()]
 
 
 def modules() -> dict[str, ast.Module]:
@@ -87,9 +91,38 @@ def test_cycle_finder_finds_a_planted_circle():
 
 def test_graph_reads_relative_and_lazy_imports():
     edges = graph()
-    assert "pipeline.config" in edges["pipeline.jobfile"]  # from .config import JobConfig
-    assert "robustness.grid" in edges["pipeline.jobfile"]  # inside load_job
-    assert "breakscene.masks" in edges["pipeline.stages"]  # from breakscene import masks as M
+    assert "robustness.grid" in edges["commands.jobs"]  # inside load_job
+    assert "breakscene.scenes.masks" in edges["pipeline.stages"]  # from breakscene.scenes.masks import ...
+    tree = ast.parse("from . import settings\nfrom .manifest import plan\ndef f():\n    from ..pipeline import row\n")
+    known = {"batchjob", "batchjob.settings", "batchjob.manifest", "pipeline", "pipeline.row"}
+    assert imported("batchjob.x", tree, False, known) == {"batchjob", "batchjob.settings", "batchjob.manifest",
+                                                         "pipeline", "pipeline.row"}
+
+
+def back_edges(edges: dict[str, set[str]]) -> list[str]:
+    """Imports that point up or sideways between packages: ``a -> b`` where b's package is
+    not in a lower layer than a's."""
+    def layer(module: str) -> int:
+        return LAYER[module.split(".")[0]]
+
+    return sorted(f"{a} -> {b}" for a, targets in edges.items() for b in targets
+                  if a.split(".")[0] != b.split(".")[0] and layer(b) >= layer(a))
+
+
+def test_packages_point_one_way():
+    """breakscene <- batchjob <- pipeline, robustness (never each other) <- commands <- benchmarks."""
+    found = back_edges(graph())
+    assert not found, "imports against the package order: " + "; ".join(found)
+
+
+def test_the_order_check_finds_a_planted_back_edge():
+    edges = graph()
+    assert back_edges(edges) == []
+    planted = {**edges, "batchjob.lease": edges["batchjob.lease"] | {"pipeline.run"},
+               "robustness.grid": edges["robustness.grid"] | {"pipeline.config"},
+               "breakscene.config": edges["breakscene.config"] | {"commands.main"}}
+    assert back_edges(planted) == ["batchjob.lease -> pipeline.run", "breakscene.config -> commands.main",
+                                   "robustness.grid -> pipeline.config"]
 
 
 def test_no_import_circle():
@@ -99,8 +132,8 @@ def test_no_import_circle():
 
 def test_job_config_imports_no_torch():
     """Validating a job file (the driver, `breakscene submit`) needs neither torch nor diffusers."""
-    code = ("import sys, pipeline.config, pipeline.jobfile; "
-            "job = pipeline.jobfile.load_job('jobs/extract.yaml', {'manifest': 's3://b/m.csv'}); "
+    code = ("import sys, pipeline.config, commands.jobs; "
+            "job = commands.jobs.load_job('jobs/extract.yaml', {'manifest': 's3://b/m.csv'}); "
             "job = pipeline.config.JobConfig(output='o', manifest={'uri': 'm', 'columns': {'image_uri': 'url'}}); "
             "print(sorted(m for m in ('torch', 'diffusers', 'transformers', 'ray') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
@@ -111,7 +144,7 @@ def test_the_package_face_exports_what_users_import_without_loading_torch_early(
     code = ("import sys, breakscene; assert 'torch' not in sys.modules, 'import breakscene loaded torch'; "
             "from breakscene import Extractor, ExtractConfig, ExtractionResult, TrainedScene, load_scene, "
             "load_scene_dir, load_bundle_pipeline; "
-            "assert Extractor.__module__ == 'breakscene.extractor' and callable(load_bundle_pipeline); "
+            "assert Extractor.__module__ == 'breakscene.extraction.extractor' and callable(load_bundle_pipeline); "
             "assert set(breakscene.__all__) >= {'Extractor', 'ExtractConfig', 'ExtractionResult', 'load_scene'}")
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]

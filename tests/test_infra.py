@@ -1,12 +1,21 @@
 """Every manifest parses, validates against the schema of the tool that applies it (KubeRay's
 CRDs, Ray's cluster launcher schema), has the fields its kind needs, and names files,
-objects and images that exist."""
+objects and images that exist. The deployment works as shipped: each RayJob's entrypoint,
+expanded as KubeRay's submitter and Ray's job supervisor expand it, parses with the real
+command line and runs a job file from a ConfigMap that the real job reader accepts; every
+Ray pod gets the storage identity and the optional Secret; a weekly maintenance job compacts
+and cleans the nightly output at hours no run holds it; docs/deployment.md names commands,
+files and objects that exist."""
 import copy
 import fnmatch
 import importlib.metadata
 import importlib.resources
 import json
+import os
 import re
+import shlex
+import subprocess
+from subprocess import list2cmdline
 
 import jsonschema
 import pytest
@@ -14,9 +23,13 @@ import yaml
 from packaging.requirements import Requirement
 
 from conftest import ROOT
-from pipeline.jobfile import load_job
+from commands.jobs import load_job
+from commands.main import build_parser
 
 INFRA = ROOT / "infra"
+DEPLOYMENT_DOC = ROOT / "docs" / "deployment.md"
+RAY_ACCOUNT = "breakscene-ray"  # the ServiceAccount of every pod that touches the buckets
+S3_SECRET = "breakscene-s3"  # the optional Secret of keys, read with envFrom
 VERSION = importlib.metadata.version("breakscene")
 IMAGE = f"ghcr.io/OWNER/breakscene:{VERSION}"
 
@@ -25,16 +38,23 @@ def _docs(path):
     return [d for d in yaml.safe_load_all(path.read_text()) if d]
 
 
+def _objects_in(config_map: dict) -> list[dict]:
+    """Kubernetes objects kept as text in a ConfigMap (a RayJob template), not other values."""
+    found = []
+    for text in config_map["data"].values():
+        for inner in yaml.safe_load_all(text):
+            if isinstance(inner, dict) and {"apiVersion", "kind"} <= set(inner):
+                found.append(inner)
+    return found
+
+
 def _rayjobs():
     for path in (INFRA / "kuberay").glob("*.yaml"):
         for doc in _docs(path):
             if doc["kind"] == "RayJob":
                 yield path, doc
             if doc["kind"] == "ConfigMap":
-                for text in doc["data"].values():
-                    for inner in yaml.safe_load_all(text):
-                        if inner and inner.get("kind") == "RayJob":
-                            yield path, inner
+                yield from ((path, inner) for inner in _objects_in(doc) if inner["kind"] == "RayJob")
 
 
 def test_kuberay_manifests_parse_with_required_fields():
@@ -50,9 +70,6 @@ def test_kuberay_manifests_parse_with_required_fields():
         workers = spec["rayClusterSpec"]["workerGroupSpecs"]
         assert any(c["resources"]["limits"].get("nvidia.com/gpu") for w in workers
                    for c in w["template"]["spec"]["containers"]), "a GPU worker group"
-        # the job file the entrypoint runs exists in the image (/app is the project root)
-        job_file = re.search(r"/app/(jobs/\S+\.yaml)", spec["entrypoint"]).group(1)
-        assert (ROOT / job_file).is_file() and load_job(ROOT / job_file)
     cron = next(d for d in _docs(INFRA / "kuberay" / "nightly-cronjob.yaml") if d["kind"] == "CronJob")
     assert cron["spec"]["schedule"] == "0 2 * * *"
 
@@ -109,10 +126,7 @@ def _all_docs():
         for doc in _docs(path):
             yield path, doc
             if doc["kind"] == "ConfigMap":
-                for text in doc["data"].values():
-                    for inner in yaml.safe_load_all(text):
-                        if inner and "kind" in inner:
-                            yield path, inner
+                yield from ((path, inner) for inner in _objects_in(doc))
 
 
 def _errors(doc) -> list[str]:
@@ -183,15 +197,24 @@ def _get(doc, dotted):
     return doc
 
 
-def test_standard_objects_have_their_fields_and_references_resolve():
-    docs = [d for p, d in _all_docs() if p.name == "nightly-cronjob.yaml"]
+def _namespace() -> dict:
+    """kind -> name -> object, for every object of infra/kuberay (applied in one namespace),
+    the RayJob templates kept in ConfigMaps included."""
     by_kind = {}
-    for doc in docs:
-        by_kind.setdefault(doc["kind"], {})[doc["metadata"].get("name")] = doc
-        if doc["kind"] in ("RayJob", "RayCluster"):
+    for _, doc in _all_docs():
+        name = doc["metadata"].get("name") or doc["metadata"].get("generateName")
+        by_kind.setdefault(doc["kind"], {})[name] = doc
+    return by_kind
+
+
+def test_standard_objects_have_their_fields_and_references_resolve():
+    by_kind = _namespace()
+    for kind, named in by_kind.items():
+        if kind in ("RayJob", "RayCluster"):
             continue
-        for field in K8S_REQUIRED[(doc["apiVersion"], doc["kind"])]:
-            assert _get(doc, field), (doc["kind"], field)
+        for doc in named.values():
+            for field in K8S_REQUIRED[(doc["apiVersion"], doc["kind"])]:
+                assert _get(doc, field), (doc["kind"], field)
     cron = by_kind["CronJob"]["breakscene-nightly"]
     pod = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]
     account = pod["serviceAccountName"]
@@ -229,9 +252,15 @@ def test_images_are_one_pushed_reference_pulled_if_not_present():
             for _, c in _containers(doc):
                 refs.add(c["image"])
                 assert c["imagePullPolicy"] == "IfNotPresent", path.name
+        if doc["kind"] == "RayJob" and "submitterPodTemplate" in doc["spec"]:
+            for c in doc["spec"]["submitterPodTemplate"]["spec"]["containers"]:
+                refs.add(c["image"])
+                assert c["imagePullPolicy"] == "IfNotPresent", path.name
         if doc["kind"] == "CronJob":
             c = doc["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]
-            assert re.fullmatch(r"registry\.k8s\.io/kubectl:v1\.\d+\.\d+", c["image"]) and c["imagePullPolicy"]
+            assert c["imagePullPolicy"] == "IfNotPresent", path.name
+            if not re.fullmatch(r"registry\.k8s\.io/kubectl:v1\.\d+\.\d+", c["image"]):
+                refs.add(c["image"])  # the maintenance job runs the project's image
     launcher = yaml.safe_load((INFRA / "cluster-launcher" / "aws.yaml").read_text())
     refs.add(launcher["docker"]["image"])
     # one reference everywhere, tagged with the package version, so one substitution sets it
@@ -318,3 +347,207 @@ def test_dockerignore_keeps_local_state_out_and_copied_sources_in():
         if line.startswith("COPY "):
             for src in line.split()[1:-1]:
                 assert not ignored(src), src
+
+
+# --- the deployment as shipped: values, credentials, maintenance --------------------------
+
+def _calls(script: str, program: str, env: dict, shell: str = "bash") -> list[list[str]]:
+    """The argument lists ``script`` calls ``program`` with when ``shell -c`` runs it with
+    ``env``: ``program`` is a shell function that prints its arguments; ``set -u`` makes an
+    unset variable an error, not an empty argument."""
+    capture = f'{program}() {{ for a in "$@"; do printf "%s\\037" "$a"; done; printf "\\036"; }}; set -u; '
+    done = subprocess.run([shell, "-c", capture + script], env={"PATH": os.environ["PATH"], **env},
+                          capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, (script, done.stderr)
+    return [record.split("\x1f")[:-1] for record in done.stdout.split("\x1e")[:-1]]
+
+
+def _env(container: dict, config_maps: dict) -> dict:
+    """The container's env as the kubelet sets it: values, and configMapKeyRef looked up
+    in the ConfigMaps applied with it (a missing map or key fails, as the pod would)."""
+    env = {}
+    for var in container.get("env", []):
+        if "value" in var:
+            env[var["name"]] = var["value"]
+            continue
+        ref = var["valueFrom"]["configMapKeyRef"]
+        env[var["name"]] = config_maps[ref["name"]]["data"][ref["key"]]
+    return env
+
+
+def _entrypoint_argv(rayjob: dict, config_maps: dict) -> list[str]:
+    """The arguments ``breakscene`` gets on the head (the entrypoint calls nothing else): KubeRay's K8sJobMode submitter runs
+    ``ray job submit ... -- ENTRYPOINT`` in bash with the submitter container's env; Ray's
+    CLI joins the words after ``--`` (``list2cmdline``); the job supervisor runs that line
+    with ``/bin/sh`` on the head."""
+    assert rayjob["spec"]["submissionMode"] == "K8sJobMode"
+    submitter = rayjob["spec"]["submitterPodTemplate"]["spec"]["containers"][0]
+    assert "command" not in submitter, "KubeRay writes the submit command only into a container without one"
+    [submit] = _calls(f"ray job submit --address http://head:8265 --no-wait -- {rayjob['spec']['entrypoint']} ;",
+                      "ray", _env(submitter, config_maps))
+    words = submit[submit.index("--") + 1:]
+    [argv] = _calls(list2cmdline(words), "breakscene", {}, shell="sh")
+    return argv
+
+
+def _mounted(pod: dict, container: dict, path: str) -> tuple[str, str]:
+    """(ConfigMap, key) of the file at ``path`` in ``container``."""
+    for mount in container.get("volumeMounts", []):
+        root = mount["mountPath"].rstrip("/") + "/"
+        if path.startswith(root):
+            volume = next(v for v in pod["volumes"] if v["name"] == mount["name"])
+            items = {i["path"]: i["key"] for i in volume["configMap"].get("items", [])}
+            name = path[len(root):]
+            return volume["configMap"]["name"], items.get(name, name) if items else name
+    raise AssertionError(f"{path} is not mounted in {container['name']}")
+
+
+def test_rayjob_entrypoints_run_the_job_file_and_uris_of_their_configmap(tmp_path):
+    by_kind = _namespace()
+    rayjobs = [(p.name, d) for p, d in _all_docs() if d["kind"] == "RayJob"]
+    assert len(rayjobs) == 2
+    for name, rayjob in rayjobs:
+        argv = _entrypoint_argv(rayjob, by_kind["ConfigMap"])
+        args = build_parser().parse_args(argv)  # the real command line: a bad flag exits 2
+        assert args.command == "run", (name, argv)
+        head = rayjob["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]
+        config_map, key = _mounted(head, head["containers"][0], args.job)  # Ray runs the entrypoint on the head
+        values = by_kind["ConfigMap"][config_map]["data"]
+        assert (args.manifest, args.output) == (values["MANIFEST_URI"], values["OUTPUT_URI"]), name
+        # the mounted job file, read as `breakscene run` reads it, with the flags' overrides
+        job_file = tmp_path / name / key
+        job_file.parent.mkdir()
+        job_file.write_text(values[key])
+        job = load_job(job_file, {"manifest": args.manifest, "output": args.output})
+        assert (job.manifest.uri, job.output) == (values["MANIFEST_URI"], values["OUTPUT_URI"])
+        assert job.kind == "extract" and job.extract.phase2_mode == "lora", name
+        gpus = sum(g["replicas"] for g in rayjob["spec"]["rayClusterSpec"]["workerGroupSpecs"])
+        assert job.resources.extract_actors == gpus, f"{name}: one extract actor per GPU worker"
+
+
+def _pods() -> list[tuple[str, dict]]:
+    """(where, pod spec) of every pod that reads or writes the buckets: the Ray head and
+    worker groups of every RayCluster and RayJob, and the maintenance job."""
+    pods = []
+    for path, doc in _all_docs():
+        if doc["kind"] in ("RayCluster", "RayJob"):
+            spec = doc["spec"].get("rayClusterSpec", doc["spec"])
+            for group in [spec["headGroupSpec"], *spec["workerGroupSpecs"]]:
+                pods.append((f"{path.name} {group.get('groupName', 'head')}", group["template"]["spec"]))
+    maintenance = _namespace()["CronJob"]["breakscene-maintenance"]
+    pods.append(("maintenance", maintenance["spec"]["jobTemplate"]["spec"]["template"]["spec"]))
+    return pods
+
+
+def test_every_ray_pod_runs_as_the_storage_account_with_the_optional_secret():
+    account = _namespace()["ServiceAccount"][RAY_ACCOUNT]
+    assert {"eks.amazonaws.com/role-arn", "iam.gke.io/gcp-service-account"} <= set(account["metadata"]["annotations"])
+    pods = _pods()
+    assert len(pods) == 7  # raycluster, rayjob, nightly: head + gpu each; maintenance
+    for where, pod in pods:
+        assert pod["serviceAccountName"] == RAY_ACCOUNT, where
+        for container in pod["containers"]:
+            # optional: a pod starts without the Secret (IRSA, workload identity)
+            assert {"secretRef": {"name": S3_SECRET, "optional": True}} in container.get("envFrom", []), where
+    # the Secret holds keys; one shipped with placeholders would shadow the role
+    assert "Secret" not in _namespace()
+
+
+def _cron_time(schedule: str) -> tuple[int, int, str]:
+    minute, hour, _, _, weekday = schedule.split()
+    return int(hour), int(minute), weekday
+
+
+def test_maintenance_compacts_then_cleans_the_nightly_output():
+    by_kind = _namespace()
+    nightly, maintenance = by_kind["CronJob"]["breakscene-nightly"], by_kind["CronJob"]["breakscene-maintenance"]
+    container = maintenance["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]
+    assert container["command"][:2] == ["/bin/bash", "-c"]
+    calls = _calls(container["args"][0], "breakscene", _env(container, by_kind["ConfigMap"]))
+    template = by_kind["RayJob"]["breakscene-nightly-"]
+    nightly_output = build_parser().parse_args(_entrypoint_argv(template, by_kind["ConfigMap"])).output
+    parsed = [build_parser().parse_args(argv) for argv in calls]
+    assert [a.command for a in parsed] == ["compact", "gc"]
+    assert {a.output for a in parsed} == {nightly_output}
+    assert maintenance["spec"]["concurrencyPolicy"] == "Forbid"
+    assert _cron_time(maintenance["spec"]["schedule"])[2] != "*", "weekly"
+    assert _cron_time(maintenance["spec"]["schedule"])[0] != _cron_time(nightly["spec"]["schedule"])[0]
+
+
+def test_maintenance_runs_when_no_nightly_run_can_hold_the_output():
+    """Both take the lease, so they cannot write at once; the hours keep them from meeting:
+    the nightly run's latest end (deadline, cluster deleted, a lease left behind expired)
+    is before maintenance starts, and maintenance's deadline before the next run."""
+    from batchjob.lease import DEFAULT_TTL_S
+
+    by_kind = _namespace()
+    nightly, maintenance = by_kind["CronJob"]["breakscene-nightly"], by_kind["CronJob"]["breakscene-maintenance"]
+    assert nightly["spec"]["timeZone"] == maintenance["spec"]["timeZone"]
+    run = by_kind["RayJob"]["breakscene-nightly-"]["spec"]
+    hour, minute, _ = _cron_time(nightly["spec"]["schedule"])
+    run_start = hour * 3600 + minute * 60
+    run_gone = run_start + run["activeDeadlineSeconds"] + run["ttlSecondsAfterFinished"] + DEFAULT_TTL_S
+    hour, minute, _ = _cron_time(maintenance["spec"]["schedule"])
+    start = hour * 3600 + minute * 60
+    job = maintenance["spec"]["jobTemplate"]["spec"]
+    assert run_gone < start, "maintenance starts before a nightly run is surely over"
+    assert start + job["activeDeadlineSeconds"] + DEFAULT_TTL_S <= run_start + 86400, "it runs into the next night"
+
+
+# --- docs/deployment.md --------------------------------------------------------------------
+
+def _doc_code_lines() -> list[str]:
+    text = DEPLOYMENT_DOC.read_text()
+    blocks = re.findall(r"^ *```\n(.*?)^ *```", text, re.S | re.M)
+    return [line.strip() for block in blocks for line in block.splitlines() if line.strip()]
+
+
+def _doc_breakscene_commands() -> list[list[str]]:
+    found = []
+    for line in _doc_code_lines():
+        line = re.sub(r"^(?:[\d*,/-]+\s+){5}", "", line)  # a crontab line's schedule
+        for part in re.findall(r"(?:^|&&|;)\s*(breakscene\s[^;&|#>]*)", line):
+            found.append(shlex.split(part))
+    return found
+
+
+def test_deployment_doc_breakscene_commands_parse():
+    commands = _doc_breakscene_commands()
+    assert {argv[1] for argv in commands} >= {"run", "submit", "compact", "gc"}
+    for argv in commands:
+        build_parser().parse_args(argv[1:])  # SystemExit(2) on a flag or command that does not exist
+
+
+def test_deployment_doc_names_files_and_objects_that_exist():
+    lines = _doc_code_lines()
+    by_kind = _namespace()
+    files = [f for line in lines if line.startswith("kubectl") for f in re.findall(r"-f (infra/\S+)", line)]
+    assert {"infra/kuberay/nightly-values.yaml", "infra/kuberay/maintenance-cronjob.yaml"} <= set(files)
+    for path in files:
+        assert (ROOT / path).is_file(), path
+    crons = {c for line in lines for c in re.findall(r"--from=cronjob/(\S+)", line)}
+    assert crons == {"breakscene-nightly", "breakscene-maintenance"} and crons <= set(by_kind["CronJob"])
+    helm = next(line for line in lines if line.startswith("helm install"))
+    assert re.search(r"--version (\S+)", helm).group(1) == "1.7.0"  # the CRDs the manifests are validated against
+    assert any(line.startswith("docker build -f infra/Containerfile") for line in lines)
+
+
+def test_secret_in_the_doc_holds_what_the_s3_clients_read(monkeypatch, tmp_path):
+    """The keys the doc puts in the Secret reach every pod's environment (envFrom); they are
+    the names the project's S3 settings are read from."""
+    from breakscene.files.storage import s3_settings
+
+    line = next(line for line in _doc_code_lines() if "create secret generic" in line)
+    words = shlex.split(line)
+    assert words[words.index("generic") + 1] == S3_SECRET
+    literals = dict(w.split("=", 1)[1].split("=", 1) for w in words if w.startswith("--from-literal="))
+    for name in [k for k in os.environ if k.startswith("AWS_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    for name, value in literals.items():
+        monkeypatch.setenv(name, value)
+    found = s3_settings(credentials=True)
+    assert (found["key"], found["secret"]) == (literals["AWS_ACCESS_KEY_ID"], literals["AWS_SECRET_ACCESS_KEY"])
+    assert found["endpoint_url"] == literals["AWS_ENDPOINT_URL"]
+    assert found["region"] == literals["AWS_REGION"]

@@ -5,7 +5,7 @@ import re
 import pytest
 
 from conftest import ROOT
-from pipeline.jobfile import load_job
+from commands.jobs import load_job
 
 
 @pytest.mark.parametrize("name", ["extract.yaml", "nightly.yaml"])

@@ -6,11 +6,12 @@ import re
 
 import pytest
 
-from breakscene.storage import join
+from breakscene.files.storage import join
 from conftest import quick_config, write_scene
-from pipeline import records as R
+from pipeline.records import bundle_uri, read_records, read_table, record_uri, write_tables
+from pipeline.stage_settings import ExtractSettings, SegmentSettings, SelectSettings
 from pipeline.config import JobConfig
-from pipeline.keys import id_problem, storage_key
+from batchjob.keys import id_problem, storage_key
 from pipeline.row import new_row, to_batch
 from pipeline.stages import Extract, Segment, load_images, score_and_select
 
@@ -38,8 +39,8 @@ def test_storage_keys_are_safe_bounded_and_unique_even_ignoring_case():
 def test_record_and_bundle_uris_stay_directly_under_the_output(out):
     for image_id in HOSTILE:
         key = storage_key(image_id)
-        assert R.record_uri(out, image_id) == join(out, "records", key + ".json")
-        assert R.bundle_uri(out, image_id) == join(out, "bundles", key)
+        assert record_uri(out, image_id) == join(out, "records", key + ".json")
+        assert bundle_uri(out, image_id) == join(out, "bundles", key)
 
 
 def test_ids_refused_with_a_reason():
@@ -50,8 +51,8 @@ def test_ids_refused_with_a_reason():
 
 
 def test_refused_ids_fail_their_row_alone(tmp_path):
-    """As the run reads the manifest (``manifest.read_shard``, here without Ray)."""
-    from pipeline.manifest import ManifestTally, read_shard
+    """As the run reads the manifest (``shards.read_shard``, here without Ray)."""
+    from pipeline.shards import ManifestTally, read_shard
 
     path = tmp_path / "m.jsonl"
     path.write_text("".join(json.dumps({"image_id": i, "image_uri": f"img{n}.png"}) + "\n"
@@ -79,11 +80,11 @@ def test_hostile_ids_through_the_real_stages_touch_nothing_outside_the_output(tm
     ids = [".", "..", "a/b", "../../x", "y" * 1000, "Cat", "cat", "猫"]
     job = JobConfig(output=str(out), manifest="m.jsonl", model={"id": "tiny"},
                     extract=quick_config(phase1_steps=1, phase2_steps=1, grid_seeds=0,
-                                         prior={"enabled": False})).model_dump(mode="json")
+                                         prior={"enabled": False}))
     rows = [new_row(**{"image_uri": str(scene / "img.png"), "image_id": i, "mask_uris": [str(scene / "mask0.png")],
                          "labels": [], "gt_mask_uris": [], "manifest_row": n}) for n, i in enumerate(ids)]
-    batch = score_and_select(Segment(job)(load_images(to_batch(rows), {})), job)
-    done = Extract(job, run_id="r1")(batch).to_pylist()
+    batch = score_and_select(Segment(SegmentSettings.from_job(job))(load_images(to_batch(rows), {})), SelectSettings.from_job(job))
+    done = Extract(ExtractSettings.from_job(job), run_id="r1")(batch).to_pylist()
     assert [r["status"] for r in done] == ["ok"] * len(ids), [r["error"] for r in done]
 
     # nothing outside the output changed, nothing new appeared beside it
@@ -95,14 +96,14 @@ def test_hostile_ids_through_the_real_stages_touch_nothing_outside_the_output(tm
     bundles = sorted(p.name for p in (out / "bundles").iterdir())
     assert bundles == sorted(storage_key(i) for i in ids)
     assert all((out / "bundles" / b / "bundle.json").is_file() for b in bundles)
-    records = R.read_records(str(out))
+    records = read_records(str(out))
     assert sorted(records) == sorted(ids)
     for image_id, rec in records.items():
-        assert rec["image"]["bundle_uri"] == R.bundle_uri(str(out), image_id)
+        assert rec["image"]["bundle_uri"] == bundle_uri(str(out), image_id)
         assert {c["bundle_uri"] for c in rec["concepts"]} == {rec["image"]["bundle_uri"]}
-    counts = R.write_tables(str(out), list(records.values()))
+    counts = write_tables(str(out), list(records.values()))
     assert counts["images"] == len(ids) and counts["concepts"] == len(ids)
-    table_ids = R.read_table(str(out), "images").column("image_id").to_pylist()
+    table_ids = read_table(str(out), "images").column("image_id").to_pylist()
     assert sorted(table_ids) == sorted(ids)
     assert json.loads((out / "records" / f"{storage_key('Cat')}.json").read_text())["image"]["image_id"] == "Cat"
 

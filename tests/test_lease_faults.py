@@ -9,7 +9,7 @@ import pytest
 
 from breakscene.errors import OutputWriteError
 from fault_helpers import fill, small_disk
-from pipeline.lease import Lease, LeaseHeld, lease_uri, read_lease
+from batchjob.lease import Lease, LeaseHeld, lease_uri, read_lease
 
 RACERS = 6
 TRIALS = 40
@@ -76,7 +76,7 @@ def test_a_stalled_run_taken_over_neither_renews_nor_releases_the_new_lease(tmp_
 
 
 def test_a_full_disk_at_the_lease_leaves_no_lease_and_one_error(tmp_path, capsys):
-    from pipeline.cli import main
+    from commands.main import main
 
     with small_disk(tmp_path / "disk", "1m") as disk:
         out = disk / "out"

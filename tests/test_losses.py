@@ -1,6 +1,6 @@
 import torch
 
-from breakscene.losses import attention_loss, masked_mse, normalize_max
+from breakscene.method.losses import attention_loss, masked_mse, normalize_max
 
 
 def test_masked_mse_divides_by_mask_area():

@@ -5,8 +5,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from breakscene.errors import BreakSceneError
-import pipeline.manifest as MF
-from pipeline.manifest import ManifestSpec, ManifestTally, plan, read_manifest, read_shard
+from pipeline import shards
+from batchjob.manifest import ManifestSpec, plan, read_manifest
+from pipeline.shards import ManifestTally, read_shard
 
 
 def test_three_formats_read_the_same(tmp_path):
@@ -114,7 +115,7 @@ def test_a_bad_row_or_line_fails_alone_and_a_repeated_id_once(tmp_path):
 
 def test_rejected_rows_beyond_the_messages_kept_are_still_counted(tmp_path, monkeypatch):
     """A shard reports once, at its end: every bad row counted, the first messages kept."""
-    monkeypatch.setattr(MF, "MAX_MESSAGES", 3)
+    monkeypatch.setattr(shards, "MAX_MESSAGES", 3)
     path = tmp_path / "m.jsonl"
     path.write_text("not json\n" * 10 + '{"image_uri": "a.png"}\n')
     rows, tally = _stream(ManifestSpec(uri=str(path)))

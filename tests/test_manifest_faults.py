@@ -13,8 +13,9 @@ from PIL import Image
 
 from breakscene.errors import BreakSceneError
 from pipeline.doneset import DoneSet
-from pipeline.keys import id_text, id_texts
-from pipeline.manifest import ManifestSpec, ManifestTally, plan, read_manifest, read_shard
+from batchjob.keys import id_text, id_texts
+from batchjob.manifest import ManifestSpec, plan, read_manifest
+from pipeline.shards import ManifestTally, read_shard
 from pipeline.row import new_row, to_batch
 from pipeline.stages import ContentClaims, load_images
 
@@ -54,9 +55,8 @@ def test_a_csv_row_with_too_many_fields_fails_alone_and_later_rows_keep_their_nu
 
 
 def test_many_bad_rows_across_csv_blocks_keep_every_row_number(tmp_path, monkeypatch):
-    import pipeline.manifest as MF
-
-    monkeypatch.setattr(MF, "CSV_BLOCK_BYTES", 256)  # many blocks, bad rows in several
+    from batchjob import manifest
+    monkeypatch.setattr(manifest, "CSV_BLOCK_BYTES", 256)  # many blocks, bad rows in several
     lines = [f"{i}.png,{i}" + (",x" if i % 7 == 3 else "") for i in range(300)]
     (tmp_path / "m.csv").write_text("image_uri,image_id\n" + "\n".join(lines) + "\n")
     rows, tally = stream(ManifestSpec(uri=str(tmp_path / "m.csv")))
@@ -68,9 +68,8 @@ def test_many_bad_rows_across_csv_blocks_keep_every_row_number(tmp_path, monkeyp
 def test_a_later_block_with_text_in_a_numeric_column_loses_nothing(tmp_path, monkeypatch):
     """Types are read per batch: pyarrow's inference fixes them on the first block, and a
     later "unknown" in a number column failed the rest of the shard."""
-    import pipeline.manifest as MF
-
-    monkeypatch.setattr(MF, "CSV_BLOCK_BYTES", 128)
+    from batchjob import manifest
+    monkeypatch.setattr(manifest, "CSV_BLOCK_BYTES", 128)
     widths = [str(i) for i in range(40)] + ["unknown"] + [str(i) for i in range(9)]
     (tmp_path / "m.csv").write_text("image_uri,width\n" + "".join(f"{i}.png,{w}\n" for i, w in enumerate(widths)))
     rows, tally = stream(ManifestSpec(uri=str(tmp_path / "m.csv")))

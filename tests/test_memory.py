@@ -3,16 +3,16 @@ import pytest
 import torch
 
 from breakscene.config import ExtractConfig
-from breakscene.memory import (
+from breakscene.models.memory import (
     GIB,
     predict_step_memory,
     saved_activation_bytes,
     step_batch,
 )
-from breakscene.models import DiffusionModels, load_models
-from breakscene.phases import phase_setup, set_checkpointing
-from breakscene.presets import build_preset
-from breakscene.training import training_step
+from breakscene.models.loading import DiffusionModels, load_models
+from breakscene.method.phases import phase_setup, set_checkpointing
+from breakscene.models.presets import build_preset
+from breakscene.method.training import training_step
 
 
 def _trainable(models, cfg, phase):
@@ -55,7 +55,7 @@ def test_gradient_and_optimizer_bytes_match_a_real_adamw_step(phase, mode):
 
 
 def _store(models, cfg):
-    from breakscene.attention import AttentionStore, install_capture
+    from breakscene.method.attention import AttentionStore, install_capture
 
     store = AttentionStore()
     install_capture(models.unet, store, cfg.attn_downsample)

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from breakscene.errors import ModelLoadError
-from breakscene.models import load_models
+from breakscene.models.loading import load_models
 
 
 @pytest.fixture(scope="module")

@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from breakscene.masks import iou
-from breakscene.noise import FAMILIES, boundary_f_score, match_masks, perturb
+from breakscene.scenes.masks import iou
+from breakscene.scenes.noise import FAMILIES, boundary_f_score, match_masks, perturb
 
 
 def _disc(size=128, cy=64, cx=50, r=30):
@@ -74,7 +74,7 @@ def _random_masks(rng, n, shape=(37, 53)):
 
 
 def test_iou_matrix_on_rles_equals_the_pixel_iou_exactly():
-    from breakscene.masks import encode_rle, iou_matrix
+    from breakscene.scenes.masks import encode_rle, iou_matrix
 
     rng = np.random.default_rng(3)
     rows, cols = _random_masks(rng, 5), _random_masks(rng, 4)
@@ -91,7 +91,7 @@ def test_iou_matrix_on_rles_equals_the_pixel_iou_exactly():
 def test_match_masks_on_stored_rles_is_the_brute_force_optimum():
     import itertools
 
-    from breakscene.masks import encode_rle
+    from breakscene.scenes.masks import encode_rle
 
     rng = np.random.default_rng(4)
     for _ in range(5):

@@ -45,7 +45,7 @@ def _shape(t):
 def test_same_job_on_s3_writes_the_same_tables(tmp_path, examples, s3_endpoint):
     import s3fs
 
-    from breakscene.storage import configure
+    from breakscene.files.storage import configure
 
     storage = {"s3": {"key": "testing", "secret": "testing", "client_kwargs": {"endpoint_url": s3_endpoint}}}
     fs = s3fs.S3FileSystem(**storage["s3"])
@@ -125,7 +125,7 @@ def test_submit_to_a_real_ray_cluster_through_the_jobs_api(tmp_path, examples):
         # the extraction actors asked for the cluster's (logical) GPU
         summary = json.loads((out / "summary.json").read_text())
         assert summary["counts"]["ok"] == 2
-        # the README's plain `ray job submit` form, as written there, from the project's folder
+        # docs/pipeline.md's plain `ray job submit` form, as written there, from the project's folder
         form = subprocess.run(
             [os.path.join(VENV_BIN, "ray"), "job", "submit", "--address", address, "--working-dir", ".",
              "--runtime-env-json", json.dumps({"excludes": [".venv/", "out/", ".git/"]}), "--",

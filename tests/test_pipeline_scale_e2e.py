@@ -92,8 +92,8 @@ def test_score_only_sharded_manifest_then_a_retry_leaves_one_current_row(tmp_pat
 
 
 def test_a_second_run_on_the_same_output_is_refused(tmp_path, examples):
-    from pipeline.lease import Lease
-    from pipeline.preflight import claim_output_folder
+    from batchjob.lease import Lease
+    from batchjob.preflight import claim_output_folder
 
     manifest = tmp_path / "m.jsonl"
     manifest.write_text(json.dumps({"image_uri": str(examples / "bear" / "img.jpg")}) + "\n")

@@ -3,7 +3,7 @@ import math
 import numpy as np
 import pytest
 
-from breakscene.quality import mask_features, score_masks, select_masks, shape_features, shape_score
+from breakscene.quality.score import mask_features, score_masks, select_masks, shape_features, shape_score
 
 
 def _square(size, y0, x0, side):
@@ -121,7 +121,7 @@ def test_superpixel_terms_see_a_boundary_through_homogeneous_regions(disc_scores
 
 
 def test_superpixels_of_a_large_photo_run_small_and_cover_the_analysis_image():
-    from breakscene.quality_evidence import ANALYSIS_SIDE, SUPERPIXEL_SIDE, image_evidence, mask_evidence
+    from breakscene.quality.evidence import ANALYSIS_SIDE, SUPERPIXEL_SIDE, image_evidence, mask_evidence
 
     image, disc = _disc_photo(size=512, r=120)
     ev = image_evidence(image)
@@ -139,7 +139,7 @@ def test_opencv_image_operations_match_their_scipy_definitions():
     from scipy import ndimage
     from skimage import color, filters
 
-    from breakscene.quality_evidence import EDGE_TOLERANCE, distance_to_outside, image_evidence
+    from breakscene.quality.evidence import EDGE_TOLERANCE, distance_to_outside, image_evidence
 
     image, disc = _disc_photo()
     ev = image_evidence(image)
@@ -166,7 +166,7 @@ def test_sam_scores_are_blended_where_present_and_optional_otherwise():
     image, disc = _disc_photo()
     alone = mask_features(disc, image)
     with_sam = mask_features(disc, image, predicted_iou=0.2, stability_score=0.5)
-    from breakscene.quality_model import blend, load_model
+    from breakscene.quality.model import blend, load_model
 
     w = load_model().sam_weight
     assert with_sam["quality"] == pytest.approx((1 - w) * alone["quality"] + w * 0.1)
@@ -177,16 +177,16 @@ def test_the_shipped_model_loads_and_is_documented():
     import json
     from importlib import resources
 
-    from breakscene.quality import SHAPE_COLUMNS
-    from breakscene.quality_evidence import EVIDENCE_COLUMNS
-    from breakscene.quality_model import QualityModel, load_model
+    from breakscene.quality.score import SHAPE_COLUMNS
+    from breakscene.quality.evidence import EVIDENCE_COLUMNS
+    from breakscene.quality.model import QualityModel, load_model
 
     model = load_model()
     assert model.version == "quality-v1"
     assert set(model.features) <= set(EVIDENCE_COLUMNS) | set(SHAPE_COLUMNS)
     assert model.info["refit"] == "python -m benchmarks quality --fit"
     assert model.info["fitted_on"]["scenes"] == ["bear", "chicken", "creature", "toys"]
-    raw = json.loads(resources.files("breakscene").joinpath("data", "quality_model_v1.json").read_text())
+    raw = json.loads(resources.files("breakscene.quality").joinpath("data", "quality_model_v1.json").read_text())
     again = QualityModel.from_dict(raw)
     rows = np.array([[0.9, 0.95, 0.95, 0.0, 1.0], [0.3, 0.4, 0.5, 0.2, 0.7]])[:, :len(model.features)]
     assert np.allclose(again.predict_rows(rows), model.predict_rows(rows))
@@ -267,7 +267,7 @@ def test_study_rows_carry_predicted_quality_beside_true_iou(tmp_path):
                       noise={"families": ["shift"], "severities": [1.0]}, model={"id": "tiny"},
                       extract={"phase1_steps": 1, "phase2_steps": 1, "grid_seeds": 0, "prior": {"enabled": False}},
                       evaluation={"generation": False})
-    from breakscene.scene import decode_image
+    from breakscene.scenes.scene import decode_image
     from robustness.groundtruth import load_clean
 
     worker = StudyWorker(cfg.model_dump(mode="json"))

@@ -6,9 +6,9 @@ import torch
 from conftest import quick_config
 
 from breakscene.config import RuntimeConfig
-from breakscene.extractor import Extractor
-from breakscene.memory import predict_step_memory
-from breakscene.scene import load_scene_dir
+from breakscene.extraction.extractor import Extractor
+from breakscene.models.memory import predict_step_memory
+from breakscene.scenes.scene import load_scene_dir
 
 
 def _losses(result):

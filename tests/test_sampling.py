@@ -1,7 +1,7 @@
 import random
 from collections import Counter
 
-from breakscene.sampling import concept_prompt, sample_subset, token_names
+from breakscene.method.union_sampling import concept_prompt, sample_subset, token_names
 
 
 def test_union_sampling_draws_every_non_empty_subset():

@@ -3,7 +3,7 @@ import pytest
 from PIL import Image
 
 from breakscene.errors import SceneError
-from breakscene.scene import load_scene, load_scene_dir, prepare_scene
+from breakscene.scenes.scene import load_scene, load_scene_dir, prepare_scene
 from conftest import write_scene
 
 
@@ -115,7 +115,7 @@ def test_exif_orientation_is_applied_before_the_masks(tmp_path):
 
 @pytest.mark.parametrize("mode", ["I;16", "I", "F"])
 def test_high_depth_photos_are_scaled_not_clipped(tmp_path, mode):
-    from breakscene.scene import decode_image
+    from breakscene.scenes.scene import decode_image
 
     ramp = np.tile(np.linspace(0, 1, 96), (64, 1))
     if mode == "F":
@@ -136,7 +136,7 @@ def test_high_depth_photos_are_scaled_not_clipped(tmp_path, mode):
 
 @pytest.mark.parametrize("mode", ["RGBA", "LA", "P"])
 def test_dropped_transparency_is_a_warning(tmp_path, mode):
-    from breakscene.scene import decode_image
+    from breakscene.scenes.scene import decode_image
 
     rgba = np.zeros((32, 32, 4), np.uint8)
     rgba[..., :3] = (0, 200, 0)
@@ -157,7 +157,7 @@ def test_dropped_transparency_is_a_warning(tmp_path, mode):
 
 
 def test_cmyk_and_an_unusable_colour_profile(tmp_path):
-    from breakscene.scene import decode_image
+    from breakscene.scenes.scene import decode_image
 
     Image.new("CMYK", (16, 16), (0, 255, 255, 0)).save(tmp_path / "cmyk.jpg")  # red in CMYK
     warnings = []
@@ -170,7 +170,7 @@ def test_cmyk_and_an_unusable_colour_profile(tmp_path):
 
 
 def test_decompression_bomb_is_named_with_its_size(tmp_path, monkeypatch):
-    from breakscene.scene import decode_image
+    from breakscene.scenes.scene import decode_image
 
     # a real bomb under PIL's default limit: 196 million pixels in a few kilobytes
     Image.new("1", (14000, 14000)).save(tmp_path / "bomb.png")
@@ -195,9 +195,8 @@ def test_decode_errors_have_no_object_reprs(tmp_path):
 
 def test_gif_is_refused_by_extract_and_the_pipeline_alike(tmp_path):
     import pipeline.stages
-    from breakscene import scene as S
-
-    assert pipeline.stages.SUPPORTED_FORMATS is S.SUPPORTED_FORMATS and "GIF" not in S.SUPPORTED_FORMATS
+    from breakscene.scenes.scene import SUPPORTED_FORMATS
+    assert pipeline.stages.SUPPORTED_FORMATS is SUPPORTED_FORMATS and "GIF" not in SUPPORTED_FORMATS
     folder = write_scene(tmp_path / "s")
     Image.open(folder / "img.png").save(folder / "img.gif")
     with pytest.raises(SceneError, match="img.gif has unsupported format GIF"):

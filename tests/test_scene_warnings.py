@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from breakscene import masks as M
+from breakscene.scenes.masks import overlapping_pairs
 from breakscene.errors import SceneError
-from breakscene.scene import MIN_IMAGE_SIDE, build_scene, decode_image, load_mask_image, load_scene, mask_from_image
+from breakscene.scenes.scene import MIN_IMAGE_SIDE, build_scene, decode_image, load_mask_image, load_scene, mask_from_image
 from conftest import write_scene
 
 
@@ -55,7 +55,7 @@ def test_an_image_too_small_to_learn_from_is_refused(tmp_path, size):
 
 
 def test_extract_refuses_a_tiny_image_with_one_error_line(tmp_path, capsys):
-    from pipeline.cli import main
+    from commands.main import main
 
     Image.new("RGB", (8, 8)).save(tmp_path / "tiny.png")
     Image.new("L", (8, 8), 255).save(tmp_path / "mask0.png")
@@ -98,11 +98,11 @@ def test_overlapping_pairs_by_hand():
     same = _box(shape, 0, 0, 20, 19)  # 380 px of big: IoU 0.95
     apart = _box(shape, 25, 25, 35, 35)
     edge = _box(shape, 18, 0, 38, 20)  # 40 px shared with big: IoU 40/760
-    found = {(o.smaller, o.larger): o for o in M.overlapping_pairs([big, inside, same, apart, edge])}
+    found = {(o.smaller, o.larger): o for o in overlapping_pairs([big, inside, same, apart, edge])}
     assert set(found) == {(1, 0), (2, 0), (1, 2)}
     assert found[(1, 0)].contained == 1.0 and found[(1, 0)].iou == pytest.approx(100 / 400)
     assert found[(2, 0)].iou == pytest.approx(0.95) and found[(2, 0)].contained == 1.0
-    assert M.overlapping_pairs([big, apart, edge]) == []
+    assert overlapping_pairs([big, apart, edge]) == []
 
 
 def test_masks_that_fight_over_one_region_are_named_in_the_scene(tmp_path):
@@ -120,13 +120,14 @@ def test_masks_that_fight_over_one_region_are_named_in_the_scene(tmp_path):
 def test_the_pipeline_row_names_fighting_user_masks(tmp_path):
     from pipeline.config import JobConfig
     from pipeline.row import new_row, to_batch
+    from pipeline.stage_settings import SegmentSettings, SelectSettings
     from pipeline.stages import Segment, load_images, score_and_select
 
     scene = write_scene(tmp_path / "s", size=(64, 64), boxes=((4, 4, 40, 40), (10, 10, 30, 30)))
-    job = JobConfig(output=str(tmp_path / "out"), manifest="m.jsonl").model_dump(mode="json")
+    job = JobConfig(output=str(tmp_path / "out"), manifest="m.jsonl")
     masks = [str(scene / "mask0.png"), str(scene / "mask1.png")]
     row = new_row(**{"image_uri": str(scene / "img.png"), "image_id": "s", "mask_uris": masks, "labels": [],
                        "gt_mask_uris": [], "manifest_row": 0})
-    out = score_and_select(Segment(job)(load_images(to_batch([row]), {})), job).to_pylist()[0]
+    out = score_and_select(Segment(SegmentSettings.from_job(job))(load_images(to_batch([row]), {})), SelectSettings.from_job(job)).to_pylist()[0]
     assert out["status"] == "ok"
     assert any(f"mask {masks[1]} lies inside mask {masks[0]}" in w for w in out["warnings"])

@@ -22,8 +22,8 @@ import pytest
 import yaml
 from PIL import Image, PngImagePlugin
 
-from pipeline.jobfile import load_job
-from pipeline.submit import SECRET_EXCLUDES, check_upload, job_runtime_env, upload_files, withheld_secrets
+from commands.jobs import load_job
+from batchjob.submit import SECRET_EXCLUDES, check_upload, job_runtime_env, upload_files, withheld_secrets
 from robustness.report import build_report
 
 SECRET = "AKIAIOSFODNN7EXAMPLE-wJalrXUtnFEMI-K7MDENG"
@@ -175,7 +175,7 @@ def test_secret_patterns_are_the_documented_list():
 def test_submit_names_the_files_it_left_out_in_one_line(tmp_path, monkeypatch, capsys):
     """Through the command line, up to the cluster (nothing listens on 127.0.0.1:9): one
     stderr line names every withheld file before the connection is tried."""
-    from pipeline.cli import main
+    from commands.main import main
 
     job_file = _project(tmp_path / "project")
     monkeypatch.chdir(tmp_path)

@@ -6,11 +6,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from breakscene import masks as M
-from pipeline import records as R
-from pipeline import tables as T
+from breakscene.scenes.masks import decode_rle
+from pipeline.records import CONCEPTS_SCHEMA, IMAGES_SCHEMA, TABLES, record_uri, table_rows
+from pipeline.stage_settings import ExtractSettings, SegmentSettings, SelectSettings
+from pipeline.tables import staged
 from pipeline.config import JobConfig
-from pipeline.jobfile import load_job
+from commands.jobs import load_job
 from pipeline.row import new_row, to_batch
 from pipeline.stages import Extract, Segment, load_images, score_and_select
 from pipeline.staging import stage_tables
@@ -24,7 +25,7 @@ def _row(uri, **kw):
 
 
 def _job(tmp_path, **kw):
-    return JobConfig(output=str(tmp_path / "out"), manifest="m.jsonl", **kw).model_dump(mode="json")
+    return JobConfig(output=str(tmp_path / "out"), manifest="m.jsonl", **kw)
 
 
 def test_load_records_bad_images_and_hashes_good_ones(tmp_path, examples):
@@ -49,13 +50,13 @@ def test_user_masks_are_scored_and_all_selected(tmp_path):
     row = _row(scene / "img.png", masks=[str(scene / "mask0.png"), str(scene / "mask1.png")],
                gt=[str(scene / "mask0.png")])
     batch = load_images(to_batch([row]), {})
-    batch = Segment(job)(batch)
-    out = score_and_select(batch, job).to_pylist()[0]
+    batch = Segment(SegmentSettings.from_job(job))(batch)
+    out = score_and_select(batch, SelectSettings.from_job(job)).to_pylist()[0]
     assert out["status"] == "ok", out["error"]
     masks = out["masks"]
     assert [m["source"] for m in masks] == ["user", "user"]
     assert [m["mask_uri"] for m in masks] == [str(scene / "mask0.png"), str(scene / "mask1.png")]
-    assert M.decode_rle(masks[0]["rle"]).sum() == 25 * 25
+    assert decode_rle(masks[0]["rle"]).sum() == 25 * 25
     assert "mask1.png is 32x32 but its image is 64x64: resized" in out["warnings"][0]
     feats = out["features"]
     assert feats[0]["gt_iou"] == 1.0 and feats[1]["gt_iou"] == 0.0
@@ -68,7 +69,7 @@ def test_empty_user_mask_fails_the_row(tmp_path):
     job = _job(tmp_path)
     row = _row(scene / "img.png", masks=[str(scene / "mask0.png"), str(scene / "mask1.png")])
     batch = load_images(to_batch([row]), {})
-    out = Segment(job)(batch).to_pylist()[0]
+    out = Segment(SegmentSettings.from_job(job))(batch).to_pylist()[0]
     assert out["status"] == "failed" and "mask1.png is empty" in out["error"] and out["error"].startswith("segment:")
 
 
@@ -81,11 +82,11 @@ def test_automatic_segmenters_feed_selection(tmp_path, kind):
     (tmp_path / "coffee.png").write_bytes(buf.getvalue())
     seg = {"kind": kind, "points_per_side": 4, "pred_iou_thresh": 0.0, "stability_score_thresh": 0.0}
     job = _job(tmp_path, segmenter=seg)
-    batch = Segment(job)(load_images(to_batch([_row(tmp_path / "coffee.png")]), {}))
-    out = score_and_select(batch, job).to_pylist()[0]
+    batch = Segment(SegmentSettings.from_job(job))(load_images(to_batch([_row(tmp_path / "coffee.png")]), {}))
+    out = score_and_select(batch, SelectSettings.from_job(job)).to_pylist()[0]
     masks = out["masks"]
     assert masks and all(m["source"] == kind and m["mask_uri"] is None for m in masks)
-    assert all(M.decode_rle(m["rle"]).shape == (400, 600) for m in masks)
+    assert all(decode_rle(m["rle"]).shape == (400, 600) for m in masks)
     if kind == "tiny-sam":
         assert all(m["predicted_iou"] is not None for m in masks)
     # either some masks are selected, or the row is skipped with the reason
@@ -110,7 +111,7 @@ def test_sam_encodes_a_batch_of_images_in_one_forward(tmp_path):
     job = _job(tmp_path, segmenter=seg)
     scene = write_scene(tmp_path / "s")
     rows = [_row(u) for u in _photos(tmp_path)] + [_row(scene / "img.png", masks=[str(scene / "mask0.png")])]
-    stage = Segment(job)
+    stage = Segment(SegmentSettings.from_job(job))
     calls = []
     stage.segmenter.generator.predictor.model.image_encoder.register_forward_hook(
         lambda module, args, out: calls.append(args[0].shape[0]))
@@ -125,7 +126,7 @@ def test_sam_encodes_a_batch_of_images_in_one_forward(tmp_path):
 
 def test_a_failing_batch_falls_back_to_one_image_at_a_time(tmp_path, monkeypatch):
     job = _job(tmp_path, segmenter={"kind": "classical"})
-    stage = Segment(job)
+    stage = Segment(SegmentSettings.from_job(job))
     monkeypatch.setattr(stage.segmenter, "segment_many", lambda images: 1 / 0)
     real = stage.segmenter.__class__.__call__
     monkeypatch.setattr(stage.segmenter.__class__, "__call__",
@@ -167,10 +168,10 @@ def test_extract_stage_resumes_done_images_and_force_redoes_them(tmp_path, examp
 
     scene = examples / "bear"
     job = JobConfig(output=str(tmp_path / "out"), manifest="m.jsonl", model={"id": "tiny"},
-                    extract=quick_config(grid_seeds=0)).model_dump(mode="json")
+                    extract=quick_config(grid_seeds=0))
     row = _row(scene / "img.jpg", image_id="bear", masks=[str(scene / f"mask{i}.png") for i in range(3)])
-    batch = score_and_select(Segment(job)(load_images(to_batch([row]), {})), job)
-    stage = Extract(job, run_id="r1")
+    batch = score_and_select(Segment(SegmentSettings.from_job(job))(load_images(to_batch([row]), {})), SelectSettings.from_job(job))
+    stage = Extract(ExtractSettings.from_job(job), run_id="r1")
     first = stage(batch)
     (row,) = first.to_pylist()
     assert row["status"] == "ok" and row["image_bytes"] == b"" and row["bundle_uri"].endswith("bundles/bear")
@@ -178,22 +179,22 @@ def test_extract_stage_resumes_done_images_and_force_redoes_them(tmp_path, examp
     record = json.loads((tmp_path / "out" / "records" / "bear.json").read_text())
     assert record["image"]["run_id"] == "r1" and len(record["concepts"]) == 3
     assert [c["mask_index"] for c in record["concepts"]] == [0, 1, 2]
-    assert list(record["image"]) == R.IMAGES_SCHEMA.names + ["extract_started_at", "extract_ended_at"]
-    assert all(list(c) == R.CONCEPTS_SCHEMA.names for c in record["concepts"])
+    assert list(record["image"]) == IMAGES_SCHEMA.names + ["extract_started_at", "extract_ended_at"]
+    assert all(list(c) == CONCEPTS_SCHEMA.names for c in record["concepts"])
     assert all("mask_uri" not in m for m in record["masks"])  # records keep their format
     # what the staging stage stages is the record's rows (plus each mask's file)
     stage_tables(first, str(tmp_path / "out"), "r1")
-    staged = {name: T.staged(str(tmp_path / "out"), "r1", name, schema).to_table().to_pylist()
-              for name, schema in R.TABLES.items()}
-    expected = R.table_rows([record])
-    assert staged["concepts"] == expected["concepts"].to_pylist()
-    assert [{k: v for k, v in m.items() if k != "mask_uri"} for m in staged["masks"]] == [
+    staged_rows = {name: staged(str(tmp_path / "out"), "r1", name, schema).to_table().to_pylist()
+              for name, schema in TABLES.items()}
+    expected = table_rows([record])
+    assert staged_rows["concepts"] == expected["concepts"].to_pylist()
+    assert [{k: v for k, v in m.items() if k != "mask_uri"} for m in staged_rows["masks"]] == [
         {k: v for k, v in m.items() if k != "mask_uri"} for m in expected["masks"].to_pylist()]
-    assert [m["mask_uri"] for m in staged["masks"]] == [str(scene / f"mask{i}.png") for i in range(3)]
-    assert staged["images"] == expected["images"].to_pylist()
-    again = Extract(job, run_id="r2")(batch).to_pylist()[0]
-    assert again["status"] == "resumed" and again["record_uri"] == R.record_uri(job["output"], "bear")
-    forced = Extract({**job, "force": True}, run_id="r3")(batch).to_pylist()[0]
+    assert [m["mask_uri"] for m in staged_rows["masks"]] == [str(scene / f"mask{i}.png") for i in range(3)]
+    assert staged_rows["images"] == expected["images"].to_pylist()
+    again = Extract(ExtractSettings.from_job(job), run_id="r2")(batch).to_pylist()[0]
+    assert again["status"] == "resumed" and again["record_uri"] == record_uri(job.output, "bear")
+    forced = Extract(ExtractSettings.from_job(job).forced(), run_id="r3")(batch).to_pylist()[0]
     assert forced["status"] == "ok"
     assert json.loads((tmp_path / "out" / "records" / "bear.json").read_text())["image"]["run_id"] == "r3"
 
@@ -201,7 +202,7 @@ def test_extract_stage_resumes_done_images_and_force_redoes_them(tmp_path, examp
 def test_sam_checkpoint_is_fetched_once_per_node(tmp_path, isolated_cache):
     import fsspec
 
-    from pipeline.segmenters import local_checkpoint
+    from batchjob.segmenters import local_checkpoint
 
     local = tmp_path / "sam.pth"
     local.write_bytes(b"weights")

@@ -6,15 +6,17 @@ import pytest
 import torch
 from conftest import quick_config
 
-import breakscene.training as T
-from breakscene.cli import main
+from breakscene.method import training
+from breakscene.method.training import attention_loss, check_finite
+from commands.main import main
 from breakscene.config import ExtractConfig
 from breakscene.errors import BreakSceneError
-from breakscene.memory import predict_step_memory
-from breakscene.models import load_models
-from breakscene.phases import PhaseSetup
-from breakscene.scene import load_scene_dir
-from breakscene.training import LossTerms, NonFiniteLossError, make_optimizer, run_phase
+from breakscene.models.memory import predict_step_memory
+from breakscene.models.loading import load_models
+from breakscene.method.phases import PhaseSetup
+from breakscene.scenes.scene import load_scene_dir
+from breakscene.errors import NonFiniteLossError
+from breakscene.method.training import LossTerms, make_optimizer, run_phase
 
 CPU = torch.device("cpu")
 
@@ -38,8 +40,8 @@ def toy_phase(bad_step: int | None = None, bad_value: float = float("inf"), term
 
 def test_losses_are_read_back_every_n_steps_and_at_the_end(monkeypatch):
     reads = []
-    check = T.check_finite
-    monkeypatch.setattr(T, "check_finite",
+    check = check_finite
+    monkeypatch.setattr(training, "check_finite",
                         lambda phase, rows, first: (reads.append(len(rows)), check(phase, rows, first)))
     setup, step, calls = toy_phase()
     result = run_phase("toy", 12, setup, step, cfg=ExtractConfig(), device=CPU, progress=False, readback_every=5)
@@ -69,20 +71,20 @@ def test_the_error_names_the_term_that_went_wrong(term, value, named):
 def test_a_total_made_non_finite_by_its_weights_is_named_total():
     rows = torch.tensor([[1.0, 0.5, 0.2, 0.3], [float("inf"), 0.5, 0.2, 0.3]])
     with pytest.raises(NonFiniteLossError, match="the total loss is not finite at step 8"):
-        T.check_finite("phase 1", rows, 7)
+        check_finite("phase 1", rows, 7)
 
 
 def test_extraction_with_a_non_finite_loss_fails_and_writes_no_bundle(tiny_extractor, examples, tmp_path, monkeypatch):
     """A loss term that turns inf at step 3 of phase 1: an error naming it, no bundle, and the
     resident weights back to the pristine model for the next scene."""
-    attention = T.attention_loss
+    attention = attention_loss
     calls = []
 
     def inf_at_step_3(*args, **kwargs):
         calls.append(1)
         value = attention(*args, **kwargs)
         return value + float("inf") if len(calls) == 3 else value
-    monkeypatch.setattr(T, "attention_loss", inf_at_step_3)
+    monkeypatch.setattr(training, "attention_loss", inf_at_step_3)
     out = tmp_path / "bundle"
     cfg = quick_config(phase1_steps=6, phase2_steps=2, grid_seeds=0, prior={"enabled": False})
     with pytest.raises(NonFiniteLossError, match="phase 1: the attention loss is not finite at step 3"):
@@ -93,7 +95,7 @@ def test_extraction_with_a_non_finite_loss_fails_and_writes_no_bundle(tiny_extra
 
 
 def test_cli_reports_a_non_finite_loss_as_one_error_line(examples, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(T, "masked_mse", lambda *a, **k: torch.tensor(float("nan"), requires_grad=True))
+    monkeypatch.setattr(training, "masked_mse", lambda *a, **k: torch.tensor(float("nan"), requires_grad=True))
     out = tmp_path / "bundle"
     status = main(["extract", "--scene", str(examples / "bear"), "--model", "tiny", "--out", str(out),
                    "--phase1-steps", "2", "--phase2-steps", "1", "--no-prior-preservation", "--grid-seeds", "0"])
@@ -139,19 +141,21 @@ def test_pipeline_extract_stage_fails_the_row_of_a_non_finite_loss(tmp_path, mon
     from conftest import write_scene
 
     from pipeline.config import JobConfig
+
+    from pipeline.stage_settings import ExtractSettings, SegmentSettings, SelectSettings
     from pipeline.row import new_row, to_batch
     from pipeline.stages import Extract, Segment, load_images, score_and_select
 
-    monkeypatch.setattr(T, "masked_mse", lambda *a, **k: torch.tensor(float("inf"), requires_grad=True))
+    monkeypatch.setattr(training, "masked_mse", lambda *a, **k: torch.tensor(float("inf"), requires_grad=True))
     scene = write_scene(tmp_path / "scene", size=(64, 64), boxes=((8, 8, 40, 40),))
     out = tmp_path / "out"
     job = JobConfig(output=str(out), manifest="m.jsonl", model={"id": "tiny"},
                     extract=quick_config(phase1_steps=2, phase2_steps=1, grid_seeds=0,
-                                         prior={"enabled": False})).model_dump(mode="json")
+                                         prior={"enabled": False}))
     row = new_row(image_uri=str(scene / "img.png"), image_id="cat", mask_uris=[str(scene / "mask0.png")],
                   labels=[], gt_mask_uris=[], manifest_row=0)
-    batch = score_and_select(Segment(job)(load_images(to_batch([row]), {})), job)
-    (done,) = Extract(job, run_id="r1")(batch).to_pylist()
+    batch = score_and_select(Segment(SegmentSettings.from_job(job))(load_images(to_batch([row]), {})), SelectSettings.from_job(job))
+    (done,) = Extract(ExtractSettings.from_job(job), run_id="r1")(batch).to_pylist()
     assert done["status"] == "failed"
     assert done["error"].startswith("extract: phase 1: the diffusion loss is not finite at step 1"), done["error"]
     assert not (out / "bundles" / "cat").exists()

@@ -5,7 +5,7 @@ import time
 import fsspec
 import pytest
 
-from breakscene import storage
+from breakscene.files import storage
 from breakscene.errors import BreakSceneError, OutputError, StorageError
 from net_helpers import refused_url, silent_server, status_server
 
@@ -72,7 +72,7 @@ def test_configure_sets_timeout_and_retries(monkeypatch):
 
 
 def test_pipeline_storage_settings_are_validated():
-    from pipeline.config import StorageConfig
+    from batchjob.settings import StorageConfig
 
     cfg = StorageConfig.model_validate({"timeout_s": 5, "retries": 1})
     assert (cfg.timeout_s, cfg.retries) == (5.0, 1)

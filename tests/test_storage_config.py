@@ -13,14 +13,15 @@ import fsspec
 import pytest
 import yaml
 
-from breakscene import storage
+from breakscene.files import storage
 from conftest import write_scene
-from pipeline import records as R
-from pipeline import tables as T
-from pipeline.cli import main
+from pipeline.records import read_table, write_tables
+from pipeline.tables import delta_options
+from commands.main import main
 from pipeline.config import JobConfig
-from pipeline.lease import Lease, read_lease
-from pipeline.preflight import OUTPUT_MARKER, check_job, output_state, table_store_error
+from batchjob.lease import Lease, read_lease
+from batchjob.preflight import OUTPUT_MARKER, output_state
+from pipeline.checks import check_job, table_store_error
 
 KEYS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
 
@@ -123,8 +124,8 @@ def test_s3_from_the_aws_environment_reaches_every_writer(tmp_path, s3_server, a
     with Lease(out, "r1"):  # the lease's conditional put (s3fs)
         assert read_lease(out)["holder"] == "r1"
         storage.write_bytes(f"{out}/summary.json", b"{}")  # fsspec / s3fs
-        R.write_tables(out, [_record("a", "r1")], run_id="r1")  # delta-rs
-    assert [r["image_id"] for r in R.read_table(out, "images").to_pylist()] == ["a"]
+        write_tables(out, [_record("a", "r1")], run_id="r1")  # delta-rs
+    assert [r["image_id"] for r in read_table(out, "images").to_pylist()] == ["a"]
     listed = _objects(s3_server, f"{bucket}/run")
     assert f"{bucket}/run/summary.json" in listed and any("/run/images/_delta_log/" in p for p in listed)
     assert not any(".breakscene-probe" in p for p in listed)  # the probes removed themselves
@@ -139,16 +140,16 @@ def test_job_file_options_win_over_the_environment_for_every_client(tmp_path, s3
     for key, value in KEYS.items():
         aws_env.setenv(key, value)
     storage.configure({"s3": {"client_kwargs": {"endpoint_url": s3_server, "region_name": "us-west-2"}}})
-    opts = T.delta_options(f"s3://{bucket}/run")
+    opts = delta_options(f"s3://{bucket}/run")
     assert opts["AWS_ENDPOINT_URL"] == s3_server and opts["AWS_REGION"] == "us-west-2"
     assert opts["AWS_ALLOW_HTTP"] == "true" and opts["AWS_ACCESS_KEY_ID"] == "testing"
-    R.write_tables(f"s3://{bucket}/run", [_record("a", "r1")], run_id="r1")
-    assert R.read_table(f"s3://{bucket}/run", "images").num_rows == 1
+    write_tables(f"s3://{bucket}/run", [_record("a", "r1")], run_id="r1")
+    assert read_table(f"s3://{bucket}/run", "images").num_rows == 1
 
 
 def test_the_table_writer_follows_the_jobs_timeout_and_retries(aws_env):
     storage.configure({"s3": {"client_kwargs": {"endpoint_url": "https://s3.example"}}}, timeout_s=4, retries=1)
-    opts = T.delta_options("s3://bucket/run")
+    opts = delta_options("s3://bucket/run")
     assert (opts["timeout"], opts["connect_timeout"], opts["max_retries"]) == ("4000ms", "4000ms", "1")
     assert "AWS_ALLOW_HTTP" not in opts  # https: nothing to allow
 
@@ -209,7 +210,7 @@ def test_extract_refuses_dot_segments_in_out(tmp_path, capsys, uri):
 
 
 def test_local_paths_with_dot_segments_stay_allowed(tmp_path):
-    from breakscene.outputs import check_output_dir
+    from breakscene.files.output_checks import check_output_dir
 
     (tmp_path / "a").mkdir()
     check_output_dir(str(tmp_path / "a" / ".." / "bundle"), marker="bundle.json")  # the OS resolves it once
@@ -262,7 +263,7 @@ def test_run_gc_and_compact_refuse_other_tools_folders_and_delete_nothing(tmp_pa
 def test_an_output_written_before_the_marker_is_still_ours(tmp_path):
     out = tmp_path / "out"
     run_id = "20240101T000000Z-abc123"
-    R.write_tables(str(out), [_record("a", run_id)], run_id=run_id)
+    write_tables(str(out), [_record("a", run_id)], run_id=run_id)
     summary = {"run_id": run_id, "job": "nightly", "manifest": "m.jsonl", "output": str(out), "counts": {"ok": 1},
                "tables": {"images": 1, "masks": 1}}
     storage.write_bytes(str(out / "runs" / f"{run_id}.json"), json.dumps(summary).encode())
@@ -315,7 +316,7 @@ def test_a_folder_committed_by_rename_has_the_normal_mode(tmp_path, umask_022):
 
 
 def test_a_bundle_is_readable_by_the_others_of_a_shared_output(tmp_path, umask_022, tiny_extractor):
-    from breakscene.scene import load_scene_dir
+    from breakscene.scenes.scene import load_scene_dir
     from conftest import quick_config
 
     scene = load_scene_dir(write_scene(tmp_path / "scene"))

@@ -212,7 +212,7 @@ def test_a_manifest_scene_source_takes_the_extraction_jobs_spec(tmp_path, exampl
 
 
 def test_a_study_without_scenes_is_one_error_before_any_work(tmp_path, capsys):
-    from pipeline.cli import main
+    from commands.main import main
 
     job = tmp_path / "study.yaml"
     job.write_text(f"kind: study\nname: s\noutput: {tmp_path / 'out'}\nmodel: {{id: tiny}}\n")

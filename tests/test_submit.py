@@ -6,8 +6,8 @@ import pytest
 import yaml
 
 from breakscene.errors import BreakSceneError
-from pipeline.jobfile import load_job
-from pipeline.submit import (DEFAULT_ADDRESS, MIB, SECRET_EXCLUDES, check_upload, exit_status, find_auth_token,
+from commands.jobs import load_job
+from batchjob.submit import (DEFAULT_ADDRESS, MIB, SECRET_EXCLUDES, check_upload, exit_status, find_auth_token,
                              job_runtime_env, project_root, resolve_address, upload_files)
 
 
@@ -86,7 +86,7 @@ def test_an_upload_over_the_limit_is_refused_in_one_line_naming_the_largest(tmp_
 def test_submit_refuses_before_contacting_any_cluster(tmp_path, monkeypatch, capsys):
     """Through the command line: exit 2 with one error line, no traceback; the address
     points nowhere, so reaching it would have failed differently."""
-    from pipeline.cli import main
+    from commands.main import main
 
     job_file = _project(tmp_path / "project", runtime_env={"working_dir": "."})
     (tmp_path / "project" / "big.bin").write_bytes(b"\0" * (2 * MIB))

@@ -7,9 +7,9 @@ import duckdb
 import pytest
 
 from breakscene.errors import BreakSceneError
-from pipeline import records as R
-from pipeline import tables as T
-from pipeline.lease import Lease, LeaseHeld, lease_uri, read_lease
+from pipeline.records import TABLES, done_ids, read_table, write_tables
+from pipeline.tables import SCHEMA_VERSION, compact, open_table, schema_version
+from batchjob.lease import Lease, LeaseHeld, lease_uri, read_lease
 
 
 def _record(image_id, status, n_masks, run_id, error=None):
@@ -25,36 +25,36 @@ def _record(image_id, status, n_masks, run_id, error=None):
 
 def test_a_retried_image_has_one_current_row_and_its_history(tmp_path):
     out = str(tmp_path / "out")
-    counts = R.write_tables(out, [_record("a", "failed", 3, "r1", error="extract: boom"), _record("b", "ok", 2, "r1")],
+    counts = write_tables(out, [_record("a", "failed", 3, "r1", error="extract: boom"), _record("b", "ok", 2, "r1")],
                             run_id="r1")
     assert counts == {"images": 2, "masks": 5, "concepts": 0}
     # the failed image, retried by a later run with fewer masks; a new image beside it
-    counts = R.write_tables(out, [_record("a", "ok", 1, "r2"), _record("c", "ok", 1, "r2")], run_id="r2")
+    counts = write_tables(out, [_record("a", "ok", 1, "r2"), _record("c", "ok", 1, "r2")], run_id="r2")
     assert counts == {"images": 3, "masks": 4, "concepts": 0}
-    images = {r["image_id"]: r for r in R.read_table(out, "images").to_pylist()}
+    images = {r["image_id"]: r for r in read_table(out, "images").to_pylist()}
     assert sorted(images) == ["a", "b", "c"] and images["a"]["status"] == "ok" and images["a"]["error"] is None
-    masks = sorted((m["image_id"], m["mask_index"], m["run_id"]) for m in R.read_table(out, "masks").to_pylist())
+    masks = sorted((m["image_id"], m["mask_index"], m["run_id"]) for m in read_table(out, "masks").to_pylist())
     assert masks == [("a", 0, "r2"), ("b", 0, "r1"), ("b", 1, "r1"), ("c", 0, "r2")]
     # time travel: the first run's rows are still there at version 0
-    first = {r["image_id"]: r for r in R.read_table(out, "images", version=0).to_pylist()}
+    first = {r["image_id"]: r for r in read_table(out, "images", version=0).to_pylist()}
     assert first["a"]["status"] == "failed" and first["a"]["error"] == "extract: boom" and "c" not in first
-    assert len(R.read_table(out, "masks", version=0)) == 5
-    assert T.schema_version(out, "images") == T.SCHEMA_VERSION
-    assert T.open_table(out, "images").metadata().description.endswith(f"schema version {T.SCHEMA_VERSION}")
+    assert len(read_table(out, "masks", version=0)) == 5
+    assert schema_version(out, "images") == SCHEMA_VERSION
+    assert open_table(out, "images").metadata().description.endswith(f"schema version {SCHEMA_VERSION}")
     # the done set is one scan of two columns
-    assert sorted(R.done_ids(out).to_pylist()) == ["a", "b", "c"]
+    assert sorted(done_ids(out).to_pylist()) == ["a", "b", "c"]
     # a retry that fails before segmentation leaves the image no masks at all
-    R.write_tables(out, [_record("b", "failed", 0, "r3", error="load: gone")], run_id="r3")
-    assert sorted(m["image_id"] for m in R.read_table(out, "masks").to_pylist()) == ["a", "c"]
-    assert sorted(R.done_ids(out).to_pylist()) == ["a", "c"]
+    write_tables(out, [_record("b", "failed", 0, "r3", error="load: gone")], run_id="r3")
+    assert sorted(m["image_id"] for m in read_table(out, "masks").to_pylist()) == ["a", "c"]
+    assert sorted(done_ids(out).to_pylist()) == ["a", "c"]
 
 
 def test_duckdb_and_pandas_read_the_tables(tmp_path):
     out = str(tmp_path / "out")
-    R.write_tables(out, [_record("a", "ok", 2, "r1"), _record("b", "failed", 0, "r1", error="load: gone")])
-    R.write_tables(out, [_record("b", "ok", 1, "r2")])
-    images = T.open_table(out, "images").to_pyarrow_dataset()  # noqa: F841 - read by DuckDB below
-    masks = T.open_table(out, "masks").to_pyarrow_dataset()  # noqa: F841
+    write_tables(out, [_record("a", "ok", 2, "r1"), _record("b", "failed", 0, "r1", error="load: gone")])
+    write_tables(out, [_record("b", "ok", 1, "r2")])
+    images = open_table(out, "images").to_pyarrow_dataset()  # noqa: F841 - read by DuckDB below
+    masks = open_table(out, "masks").to_pyarrow_dataset()  # noqa: F841
     rows = duckdb.sql("SELECT i.image_id, i.status, count(m.mask_index) AS n, max(m.quality) AS q "
                       "FROM images i LEFT JOIN masks m USING (image_id) GROUP BY ALL ORDER BY 1").fetchall()
     assert rows == [("a", "ok", 2, 0.6), ("b", "ok", 1, 0.5)]
@@ -68,16 +68,16 @@ def test_duckdb_and_pandas_read_the_tables(tmp_path):
 def test_compaction_keeps_the_rows_and_vacuum_only_removed_files(tmp_path):
     out = str(tmp_path / "out")
     for n in range(4):  # four nights, four small files
-        R.write_tables(out, [_record(f"i{n}", "ok", 1, f"r{n}")], run_id=f"r{n}")
-    R.write_tables(out, [_record("i0", "ok", 2, "r9")], run_id="r9")  # a replacement: one file marked removed
-    before = sorted(r["image_id"] for r in R.read_table(out, "images").to_pylist())
-    files_before = len(T.open_table(out, "images").file_uris())
-    result = T.compact(out, R.TABLES, retention_hours=0)
+        write_tables(out, [_record(f"i{n}", "ok", 1, f"r{n}")], run_id=f"r{n}")
+    write_tables(out, [_record("i0", "ok", 2, "r9")], run_id="r9")  # a replacement: one file marked removed
+    before = sorted(r["image_id"] for r in read_table(out, "images").to_pylist())
+    files_before = len(open_table(out, "images").file_uris())
+    result = compact(out, TABLES, retention_hours=0)
     assert result["images"]["files_removed"] == files_before and result["images"]["files_added"] == 1
     assert result["images"]["files_deleted"] >= files_before  # removed by the merge and by the compaction
-    assert sorted(r["image_id"] for r in R.read_table(out, "images").to_pylist()) == before
-    assert len(T.open_table(out, "images").file_uris()) == 1
-    assert len(R.read_table(out, "masks")) == 5
+    assert sorted(r["image_id"] for r in read_table(out, "images").to_pylist()) == before
+    assert len(open_table(out, "images").file_uris()) == 1
+    assert len(read_table(out, "masks")) == 5
 
 
 def test_a_second_run_on_the_same_output_is_refused(tmp_path):
@@ -123,7 +123,7 @@ def s3():
     import fsspec
     import s3fs
 
-    from breakscene.storage import configure
+    from breakscene.files.storage import configure
     from pipeline_helpers import free_port, moto_server_process
 
     with moto_server_process(free_port()) as endpoint:
@@ -138,9 +138,9 @@ def s3():
 
 def test_delta_tables_on_an_s3_server(s3):
     out = f"s3://{s3}/tables"
-    R.write_tables(out, [_record("a", "failed", 1, "r1")], run_id="r1")
-    R.write_tables(out, [_record("a", "ok", 2, "r2"), _record("b", "ok", 1, "r2")], run_id="r2")
-    assert sorted((r["image_id"], r["status"]) for r in R.read_table(out, "images").to_pylist()) == [
+    write_tables(out, [_record("a", "failed", 1, "r1")], run_id="r1")
+    write_tables(out, [_record("a", "ok", 2, "r2"), _record("b", "ok", 1, "r2")], run_id="r2")
+    assert sorted((r["image_id"], r["status"]) for r in read_table(out, "images").to_pylist()) == [
         ("a", "ok"), ("b", "ok")]
-    assert len(R.read_table(out, "masks")) == 3 and R.read_table(out, "images", version=0).num_rows == 1
+    assert len(read_table(out, "masks")) == 3 and read_table(out, "images", version=0).num_rows == 1
     assert lease_uri(out) == f"s3://{s3}/tables/_lease.json"

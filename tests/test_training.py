@@ -3,12 +3,12 @@ import random
 import pytest
 import torch
 
-from breakscene.attention import AttentionStore
+from breakscene.method.attention import AttentionStore
 from breakscene.config import ExtractConfig
-from breakscene.extractor import Extractor
-from breakscene.scene import load_scene_dir
-from breakscene.tensors import draw_batch
-from breakscene.training import Batch, training_step
+from breakscene.extraction.extractor import Extractor
+from breakscene.scenes.scene import load_scene_dir
+from breakscene.extraction.tensors import draw_batch
+from breakscene.method.training import Batch, training_step
 
 
 class InjectedStore(AttentionStore):

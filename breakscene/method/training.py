@@ -1,0 +1,201 @@
+"""One Break-A-Scene training step, and the loop that runs a phase of them.
+
+``training_step`` is a function of (models, batch) where the batch already holds every
+random draw (subsets, flips, noise, timesteps), so tests can feed fixed inputs and
+compare with hand-computed numbers. ``run_phase`` owns the optimiser and the loop: the
+losses stay on the device and are read back every ``readback_every`` steps, where a
+non-finite one stops the phase (``NonFiniteLossError``).
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from breakscene.method.attention import AttentionStore, token_maps
+from breakscene.config import ExtractConfig
+from breakscene.errors import NonFiniteLossError
+from breakscene.method.losses import attention_loss, masked_mse
+
+if TYPE_CHECKING:
+    from breakscene.method.phases import PhaseSetup
+
+
+@dataclass
+class Batch:
+    """One training batch; instance rows first, then (with prior preservation) class rows."""
+
+    latents: torch.Tensor  # (B, 4, h, w) instance latents
+    input_ids: torch.Tensor  # (B, L)
+    token_positions: list[torch.Tensor]  # per example: prompt positions of its chosen tokens
+    attn_masks: list[torch.Tensor]  # per example: (k_b, h/ds, w/ds) masks of those tokens, same order
+    union_mask: torch.Tensor  # (B, 1, h, w) union of the chosen masks at latent size
+    noise: torch.Tensor
+    timesteps: torch.Tensor
+    class_latents: torch.Tensor | None = None
+    class_input_ids: torch.Tensor | None = None
+    class_noise: torch.Tensor | None = None
+    class_timesteps: torch.Tensor | None = None
+
+
+@dataclass
+class LossTerms:
+    total: torch.Tensor
+    diffusion: torch.Tensor
+    attention: torch.Tensor
+    prior: torch.Tensor
+
+    def detached(self) -> torch.Tensor:
+        return torch.stack([t.detach() for t in (self.total, self.diffusion, self.attention, self.prior)]).float()
+
+
+LOSS_NAMES = ("total", "diffusion", "attention", "prior")
+READBACK_EVERY = 50  # steps between host reads of the losses: the finite check and the progress bar
+OPTIMIZERS = ("auto", "fused", "foreach", "for-loop", "torch")
+
+
+def diffusion_target(scheduler, latents, noise, timesteps) -> torch.Tensor:
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return noise
+    if kind == "v_prediction":
+        return scheduler.get_velocity(latents, noise, timesteps)
+    raise ValueError(f"unsupported prediction_type {kind!r}")
+
+
+def training_step(unet, text_encoder, scheduler, store: AttentionStore, batch: Batch,
+                  cfg: ExtractConfig) -> LossTerms:
+    """Forward pass and the three loss terms for one batch (no backward, no optimiser)."""
+    num_instance = batch.latents.shape[0]
+    with_prior = batch.class_latents is not None
+    latents, noise, timesteps, ids = batch.latents, batch.noise, batch.timesteps, batch.input_ids
+    if with_prior:
+        latents = torch.cat([latents, batch.class_latents])
+        noise = torch.cat([noise, batch.class_noise])
+        timesteps = torch.cat([timesteps, batch.class_timesteps])
+        ids = torch.cat([ids, batch.class_input_ids])
+    noisy = scheduler.add_noise(latents, noise, timesteps)
+    encoder_states = text_encoder(ids)[0]
+    store.clear()
+    store.enabled = cfg.lambda_attn > 0
+    pred = unet(noisy, timesteps, encoder_states).sample
+    target = diffusion_target(scheduler, latents, noise, timesteps)
+
+    diffusion = masked_mse(pred[:num_instance], target[:num_instance], batch.union_mask,
+                           cfg.masked_loss_normalization)
+    zero = diffusion.new_zeros(())
+    prior = F.mse_loss(pred[num_instance:].float(), target[num_instance:].float()) if with_prior else zero
+    attention = zero
+    if cfg.lambda_attn > 0:
+        mean_map = store.mean_map()
+        size = (latents.shape[-2] // cfg.attn_downsample, latents.shape[-1] // cfg.attn_downsample)
+        # Rows 0..B-1 are the instance prompts: the class rows carry no asset token.
+        maps = [token_maps(mean_map, row, batch.token_positions[row], size) for row in range(num_instance)]
+        attention = attention_loss(maps, batch.attn_masks, cfg.attn_max_eps)
+    total = diffusion + cfg.prior.loss_weight * prior + cfg.lambda_attn * attention
+    return LossTerms(total=total, diffusion=diffusion, attention=attention, prior=prior)
+
+
+def autocast_context(device: torch.device, mixed_precision: str):
+    if device.type != "cuda" or mixed_precision == "no":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if mixed_precision == "bf16" else torch.float16
+    return torch.autocast("cuda", dtype=dtype)
+
+
+@dataclass
+class PhaseResult:
+    name: str
+    steps: int
+    seconds: float
+    losses: torch.Tensor = field(repr=False)  # (steps, 4), columns LOSS_NAMES
+
+    def summary(self, points: int = 50) -> dict:
+        """First / last / mean / min per term and a curve of ``points`` window means."""
+        out: dict = {"steps": self.steps, "seconds": round(self.seconds, 3)}
+        if self.steps == 0:
+            return out
+        losses = self.losses.cpu()
+        for i, name in enumerate(LOSS_NAMES):
+            col = losses[:, i]
+            windows = torch.tensor_split(col, min(points, len(col)))
+            out[name] = {
+                "first": float(col[0]), "last": float(col[-1]), "mean": float(col.mean()),
+                "min": float(col.min()), "curve": [round(float(w.mean()), 6) for w in windows],
+            }
+        return out
+
+
+def make_optimizer(setup: PhaseSetup, cfg: ExtractConfig, device: torch.device,
+                   kind: str = "auto") -> torch.optim.AdamW:
+    """AdamW over ``setup``'s parameter groups. ``kind``: "auto" is one fused kernel on CUDA
+    and the multi-tensor ("foreach") form elsewhere, which on the CPU is bit for bit torch's
+    default one-tensor-at-a-time loop, a third faster; "fused", "foreach", "for-loop" as
+    named; "torch" is torch's own default (what a training script gets)."""
+    if kind not in OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, not {kind!r}")
+    if kind == "auto":
+        kind = "fused" if device.type == "cuda" else "foreach"
+    impl = {"fused": {"fused": True}, "foreach": {"foreach": True}, "for-loop": {"foreach": False}, "torch": {}}[kind]
+    groups = [dict(g) for g in setup.groups]  # AdamW writes its settings into each group it is given
+    return torch.optim.AdamW(groups, betas=cfg.optimizer.betas, weight_decay=cfg.optimizer.weight_decay,
+                             eps=cfg.optimizer.eps, **impl)
+
+
+def check_finite(phase: str, losses: torch.Tensor, first_step: int) -> None:
+    """Raise NonFiniteLossError at the first row of ``losses`` (host rows of LOSS_NAMES,
+    the first being step ``first_step``, counted from 1) that holds inf or nan."""
+    bad = ~torch.isfinite(losses)
+    if not bool(bad.any()):
+        return
+    row = int(bad.any(dim=1).nonzero()[0])
+    # a part names the cause better than the total it makes non-finite
+    term = next(LOSS_NAMES[i] for i in (1, 2, 3, 0) if bad[row, i])
+    values = {name: float(losses[row, i]) for i, name in enumerate(LOSS_NAMES)}
+    raise NonFiniteLossError(phase, first_step + row, term, values)
+
+
+def run_phase(name: str, steps: int, setup: PhaseSetup, step_fn: Callable[[], LossTerms], *, cfg: ExtractConfig,
+              device: torch.device, progress: bool = True, optimizer: str = "auto",
+              readback_every: int = READBACK_EVERY) -> PhaseResult:
+    """Run ``steps`` optimiser steps over ``setup``'s parameter groups (``phases.phase_setup``),
+    calling its ``after_step`` after each. Loss values stay on the device: the host reads
+    them every ``readback_every`` steps and at the end (one synchronisation each), checks
+    they are finite (else NonFiniteLossError) and shows the latest on the progress bar.
+
+    ``optimizer``: an OPTIMIZERS name (``make_optimizer``)."""
+    trainable = [p for p in setup.trainable if p.requires_grad]
+    after_step = setup.after_step
+    opt = make_optimizer(setup, cfg, device, optimizer)
+    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and cfg.mixed_precision == "fp16")
+    history = torch.zeros(steps, len(LOSS_NAMES), device=device)
+    readback_every = max(1, readback_every)
+    start = time.perf_counter()
+    bar = tqdm(range(steps), desc=name, disable=not progress or steps == 0, leave=False)
+    read = 0  # rows of history already read back
+    for step in bar:
+        with autocast_context(device, cfg.mixed_precision):
+            terms = step_fn()
+        scaler.scale(terms.total).backward()
+        scaler.unscale_(opt)
+        torch.nn.utils.clip_grad_norm_(trainable, cfg.optimizer.max_grad_norm)
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad(set_to_none=True)
+        after_step()
+        history[step] = terms.detached()
+        if step + 1 - read == readback_every or step == steps - 1:
+            rows = history[read:step + 1].cpu()  # the loop's only host synchronisation
+            check_finite(name, rows, read + 1)
+            read = step + 1
+            if progress:
+                bar.set_postfix(loss=f"{float(rows[-1, 0]):.4f}")
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return PhaseResult(name=name, steps=steps, seconds=time.perf_counter() - start, losses=history)

@@ -1,0 +1,193 @@
+"""Loading the diffusion model: a built-in preset, a local diffusers folder, an fsspec URI
+(copied once into a local cache) or a hub id, all through one function."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from transformers import CLIPTextModel, CLIPTokenizer
+
+from breakscene.config import DEFAULT_MODEL
+from breakscene.errors import DeviceError, ModelLoadError
+from breakscene.models.presets import PRESETS, SDXL_PRESETS, build_preset, build_sdxl_preset, preset_family
+from breakscene.files.storage import atomic_local_dir, describe_error, filesystem, is_remote
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("BREAKSCENE_CACHE", Path.home() / ".cache" / "breakscene"))
+
+
+@dataclass
+class DiffusionModels:
+    unet: UNet2DConditionModel
+    vae: AutoencoderKL
+    text_encoder: CLIPTextModel
+    tokenizer: CLIPTokenizer
+    scheduler: DDPMScheduler
+    model_id: str  # preset name, folder, URI or hub id, as given
+    revision: str | None
+
+    @property
+    def vae_scale(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def native_resolution(self) -> int:
+        return int(self.unet.config.sample_size) * self.vae_scale
+
+    @property
+    def is_preset(self) -> bool:
+        return self.model_id in PRESETS
+
+    def to(self, device: torch.device) -> "DiffusionModels":
+        for module in (self.unet, self.vae, self.text_encoder):
+            module.to(device)
+        return self
+
+    def save_pretrained(self, path: str | Path) -> None:
+        """Write a standard diffusers folder (what ``from_pretrained`` reads back)."""
+        pipeline = StableDiffusionPipeline(
+            vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer, unet=self.unet,
+            scheduler=self.scheduler, safety_checker=None, feature_extractor=None,
+            requires_safety_checker=False,
+        )
+        pipeline.save_pretrained(str(path))
+
+
+@dataclass
+class SDXLModels:
+    """A Stable Diffusion XL model's parts, named as ``StableDiffusionXLPipeline``'s arguments."""
+    unet: UNet2DConditionModel
+    vae: AutoencoderKL
+    text_encoder: CLIPTextModel
+    text_encoder_2: Any  # CLIPTextModelWithProjection
+    tokenizer: CLIPTokenizer
+    tokenizer_2: CLIPTokenizer
+    scheduler: Any  # as the model ships it (SDXL base: EulerDiscreteScheduler)
+    model_id: str
+    revision: str | None
+
+    def pipeline(self):
+        from diffusers import StableDiffusionXLPipeline
+
+        parts = {f: getattr(self, f) for f in SDXL_PARTS}
+        return StableDiffusionXLPipeline(**parts, add_watermarker=False)  # no invisible-watermark dependency
+
+    def save_pretrained(self, path: str | Path) -> None:
+        """Write a standard diffusers SDXL folder (``StableDiffusionXLPipeline.from_pretrained``)."""
+        self.pipeline().save_pretrained(str(path))
+
+
+SDXL_PARTS = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
+SDXL_PIPELINES = ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline", "StableDiffusionXLInpaintPipeline")
+
+
+def folder_family(folder: Path) -> str:
+    """"sdxl" when the folder's model_index.json names an SDXL pipeline, else "sd"."""
+    try:
+        index = json.loads((folder / "model_index.json").read_text())
+    except (OSError, ValueError):
+        return "sd"  # no index (a hand-made folder): the SD 1.x/2.x check names what is missing
+    return "sdxl" if isinstance(index, dict) and index.get("_class_name") in SDXL_PIPELINES else "sd"
+
+
+def sdxl_not_supported(model_id: str) -> ModelLoadError:
+    return ModelLoadError(f"model {model_id!r} is Stable Diffusion XL: extraction and generation on SDXL "
+                          "are not implemented yet (Stable Diffusion 1.x/2.x models and the presets "
+                          f"{', '.join(PRESETS)} are)")
+
+
+def _load_folder(folder: Path, model_id: str, revision: str | None) -> DiffusionModels:
+    if folder_family(folder) == "sdxl":
+        raise sdxl_not_supported(model_id)
+    missing = [sub for sub in ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+               if not (folder / sub).is_dir()]
+    if missing:
+        raise ModelLoadError(f"model folder {model_id!r} is not a diffusers Stable Diffusion folder: "
+                             f"missing {', '.join(missing)}")
+    return DiffusionModels(
+        unet=UNet2DConditionModel.from_pretrained(folder, subfolder="unet"),
+        vae=AutoencoderKL.from_pretrained(folder, subfolder="vae"),
+        text_encoder=CLIPTextModel.from_pretrained(folder, subfolder="text_encoder"),
+        tokenizer=CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer"),
+        scheduler=DDPMScheduler.from_pretrained(folder, subfolder="scheduler"),
+        model_id=model_id, revision=revision,
+    )
+
+
+def _fetch_uri(uri: str) -> Path:
+    """Copy a remote diffusers folder into the local cache once; later loads reuse it."""
+    key = hashlib.sha256(uri.rstrip("/").encode()).hexdigest()[:16]
+    target = cache_root() / "models" / key
+    if target.is_dir():
+        return target
+    fs, root = filesystem(uri)  # with the storage timeouts: a silent server cannot hang the load
+    try:
+        is_folder = fs.isdir(root)
+    except Exception as exc:  # noqa: BLE001 - no credentials, timeouts, refused: said as such
+        raise ModelLoadError(f"model URI {uri!r} cannot be read: {describe_error(exc)[0]}") from None
+    if not is_folder:
+        raise ModelLoadError(f"model URI {uri!r} is not a folder that can be read")
+    with atomic_local_dir(target) as tmp:
+        fs.get(root.rstrip("/") + "/", str(tmp), recursive=True)
+    return target
+
+
+def _load_hub(model_id: str, revision: str | None) -> DiffusionModels:
+    from huggingface_hub import snapshot_download
+
+    try:
+        folder = snapshot_download(model_id, revision=revision,
+                                   allow_patterns=["*.json", "*.txt", "*.safetensors", "*.model"])
+    except Exception as exc:  # network errors, unknown repos, offline mode: all one message
+        raise ModelLoadError(
+            f"model {model_id!r} is not a preset ({', '.join(PRESETS)}), not a local folder, and could "
+            f"not be fetched from the hub ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})"
+        ) from None
+    return _load_folder(Path(folder), model_id, revision)
+
+
+def load_models(model: str = DEFAULT_MODEL, revision: str | None = None) -> DiffusionModels:
+    """Load UNet, VAE, text encoder, tokenizer and DDPM scheduler in fp32 on the CPU."""
+    if model in SDXL_PRESETS:
+        raise sdxl_not_supported(model)
+    if model in PRESETS:
+        unet, vae, text_encoder, tokenizer, scheduler = build_preset(model)
+        for module in (unet, vae, text_encoder):
+            module.eval()  # as from_pretrained leaves them: a preset runs like its exported folder
+        return DiffusionModels(unet, vae, text_encoder, tokenizer, scheduler, model, None)
+    if is_remote(model):
+        return _load_folder(_fetch_uri(model), model, revision)
+    local = Path(model.removeprefix("file://")).expanduser()
+    if local.is_dir():
+        return _load_folder(local, model, revision)
+    if local.suffix or model.startswith((".", "/", "~")) or model.count("/") > 1:
+        raise ModelLoadError(f"model folder {model!r} does not exist")
+    return _load_hub(model, revision)
+
+
+def pick_device(requested: str | None = None) -> torch.device:
+    """The requested device, checked against this machine; by default CUDA when present."""
+    if not requested:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(requested)
+    except (RuntimeError, ValueError, TypeError):
+        raise DeviceError(f"device {requested!r} is not a device: use cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise DeviceError(f"device {requested!r}: CUDA is not available on this machine (use cpu)")
+        if device.index is not None and device.index >= count:
+            raise DeviceError(f"device {requested!r}: this machine has {count} CUDA device(s), cuda:0..cuda:{count - 1}")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise DeviceError(f"device {requested!r}: MPS is not available on this machine (use cpu)")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise DeviceError(f"device {requested!r} is not supported: use cpu, cuda, cuda:N or mps")
+    return device

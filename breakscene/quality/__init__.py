@@ -1,0 +1,1 @@
+"""Mask quality: the score, its image-aware evidence, and the shipped model."""
