@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-deps test-fast test-e2e bench clean
+.PHONY: demo test test-deps test-fast test-e2e bench docs clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -44,6 +44,11 @@ test-e2e: $(STAMP) test-deps
 
 bench: $(STAMP)
 	$(PY) -m benchmarks all
+
+# docs/cli.md and docs/job-files.md, generated from the parser and the job models
+# (tests/test_docs.py fails when they differ from what this writes).
+docs: $(STAMP)
+	$(PY) -m commands.reference
 
 clean:
 	rm -rf out .pytest_cache

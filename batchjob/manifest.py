@@ -10,7 +10,7 @@ one message before any work. Each worker then streams its shard in batches:
 - ``image_uri`` and ``image_id`` are read as strings exactly as written (CSV ``007``
   stays ``"007"``);
 - rows whose explicit id the output already holds as done are dropped, a batch at a
-  time, by a lookup in the prepared done set (``pipeline.doneset``: O(batch x log
+  time, by a lookup in the prepared done set (``pipeline.shards``: O(batch x log
   history), where ``is_in`` per batch would rebuild a hash of the whole history each time);
 - ``image_uri`` and ``image_id`` of any other type become text by one rule
   (``keys.id_texts``: Parquet's float 7.0 is "7", binary is UTF-8 text);

@@ -1,5 +1,5 @@
 """Checks every driver makes before any work (the extraction run adds its own in
-``pipeline.checks``): the output folder is ours or empty, and the manifest can be read. Each failure is one error naming the location and
+``pipeline.tables``): the output folder is ours or empty, and the manifest can be read. Each failure is one error naming the location and
 what happened (a file given as output, a read-only folder, no credentials, a timeout),
 not a traceback after the first images."""
 from __future__ import annotations

@@ -28,7 +28,8 @@ class StorageConfig(StrictModel):
     s3fs, the Delta table writer (delta-rs) and the lease all get the same resolved values
     (``breakscene.files.storage.s3_settings``)."""
 
-    options: dict[str, dict] = Field(default_factory=dict)
+    options: dict[str, dict] = Field(default_factory=dict, description="fsspec options per protocol, e.g. "
+                                     "{s3: {client_kwargs: {endpoint_url: ...}}}")
     timeout_s: float = Field(DEFAULT_TIMEOUT_S, gt=0)  # per request: connecting, and each wait for data
     retries: int = Field(DEFAULT_RETRIES, ge=0, le=10)  # after the first attempt (timeouts, refused, 5xx)
 
@@ -38,26 +39,37 @@ class StorageConfig(StrictModel):
 
 
 class ModelConfig(StrictModel):
-    id: str = DEFAULT_MODEL
-    revision: str | None = None
+    """The diffusion model: a preset, a diffusers folder, an fsspec URI of one, or a hub id."""
+
+    id: str = Field(DEFAULT_MODEL, description="a preset such as tiny (random weights), a diffusers folder, an "
+                                               "fsspec URI of one, or a hub id")
+    revision: str | None = Field(None, description="the model's hub revision (branch, tag or commit)")
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)  # channels-last, compile, checkpointing
 
 
 class SegmenterConfig(StrictModel):
-    kind: Literal["sam", "tiny-sam", "classical"] = "sam"
+    """Finds masks in the images that come without them: Segment Anything's automatic mask
+    generator (``sam``, real weights; ``tiny-sam``, random weights for tests) or scikit-image's
+    Felzenszwalb segmentation (``classical``, no weights)."""
+
+    kind: Literal["sam", "tiny-sam", "classical"] = Field("sam", description="which segmenter")
     checkpoint: str | None = None  # SAM weights (.pth): local path or fsspec URI
-    model_type: Literal["vit_h", "vit_l", "vit_b"] = "vit_h"
-    points_per_side: int = Field(32, ge=1)
+    model_type: Literal["vit_h", "vit_l", "vit_b"] = Field("vit_h", description="SAM's image encoder, as the "
+                                                                                "checkpoint was trained")
+    points_per_side: int = Field(32, ge=1, description="SAM: a grid of this many point prompts a side")
     points_per_batch: int = Field(64, ge=1)  # prompts per mask-decoder call (256 suits an 80 GB GPU)
     image_batch: int = Field(4, ge=1)  # images per image-encoder forward (and per Segment call)
-    pred_iou_thresh: float = Field(0.88, ge=0, le=1)
-    stability_score_thresh: float = Field(0.95, ge=0, le=1)
-    min_mask_region_area: int = Field(0, ge=0)
+    pred_iou_thresh: float = Field(0.88, ge=0, le=1, description="SAM: drop masks whose predicted IoU is below")
+    stability_score_thresh: float = Field(0.95, ge=0, le=1, description="SAM: drop masks whose stability score "
+                                                                        "is below")
+    min_mask_region_area: int = Field(0, ge=0, description="SAM: remove islands and holes smaller than this many "
+                                                           "pixels (0: off)")
     max_side: int = Field(1024, ge=64)  # images are downscaled to this before segmenting
     # classical (scikit-image Felzenszwalb) parameters
-    scale: float = Field(300.0, gt=0)
-    sigma: float = Field(0.8, ge=0)
-    min_size_fraction: float = Field(0.01, gt=0, lt=1)
+    scale: float = Field(300.0, gt=0, description="classical: Felzenszwalb's scale (larger: larger segments)")
+    sigma: float = Field(0.8, ge=0, description="classical: Gaussian smoothing before segmenting")
+    min_size_fraction: float = Field(0.01, gt=0, lt=1, description="classical: smallest segment, as a share of "
+                                                                   "the image's area")
 
     @model_validator(mode="after")
     def _needs_checkpoint(self) -> "SegmenterConfig":
@@ -71,22 +83,28 @@ class ResourcesConfig(StrictModel):
 
     num_cpus: int | None = Field(None, ge=1)  # embedded local Ray only
     num_gpus: float | None = Field(None, ge=0)  # embedded local Ray only (logical GPUs)
-    segment_actors: int = Field(1, ge=1)
-    segment_gpus: float | None = Field(None, ge=0)
-    extract_actors: int = Field(1, ge=1)
-    extract_gpus: float | None = Field(None, ge=0)
+    segment_actors: int = Field(1, ge=1, description="segmenter actors (each holds its model)")
+    segment_gpus: float | None = Field(None, ge=0, description="GPUs per segmenter actor (null: a quarter "
+                                                               "GPU where the extraction actors leave that spare, "
+                                                               "else none)")
+    extract_actors: int = Field(1, ge=1, description="extraction actors (each holds the diffusion model)")
+    extract_gpus: float | None = Field(None, ge=0, description="GPUs per extraction actor (null: one when "
+                                                               "the cluster has a GPU, else none)")
     load_cpus: float = Field(0.25, gt=0)  # per load task (I/O bound: a share of a CPU)
     # The cluster adds nodes on demand (KubeRay / launcher autoscaler): its present size
-    # says nothing, so the resource plan is not fitted to it (batchjob/resources.py).
-    autoscaling: bool = False
+    # says nothing, so the resource plan is not fitted to it (batchjob/cluster.py).
+    autoscaling: bool = Field(False, description="true on a cluster that adds nodes on demand (KubeRay or "
+                                                 "launcher autoscaler): the job is not fitted to its present size")
 
 
 class ManifestConfig(StrictModel):
     """``manifest: URI`` or ``manifest: {uri: URI, columns: {image_uri: url, image_id: key}}``:
     a file, a folder or a glob of shards, and which of its columns hold the project's."""
 
-    uri: str
-    columns: dict[str, str] = Field(default_factory=dict)  # project column -> manifest column
+    uri: str = Field(description="a manifest file (Parquet, JSON Lines, CSV), a folder of shards or a "
+                                     "glob")
+    columns: dict[str, str] = Field(default_factory=dict, description="project column -> the manifest's column, "
+                                                                      "e.g. {image_uri: url, image_id: key}")
 
     @model_validator(mode="before")
     @classmethod

@@ -32,6 +32,7 @@ class Levers:
     loss_layers_only: bool = True
     frozen_weights_phase1: bool = True
     multi_tensor_optimizer: bool = True
+    flat_optimizer: bool = True
     no_host_sync: bool = True
     channels_last: bool = True
     bf16_autocast: bool = True
@@ -46,6 +47,8 @@ DESCRIPTIONS = {
     "frozen_weights_phase1": "no weight gradients in phase 1 (off: UNet and text encoder require grad)",
     "multi_tensor_optimizer": "AdamW over all tensors at once: fused on CUDA, foreach on the CPU (bit for bit "
                               "the loop there) (off: torch's default, a loop over tensors on the CPU)",
+    "flat_optimizer": "CPU: multi-tensor AdamW over each group laid end to end in one tensor, bit for bit "
+                      "(off: over the separate tensors, one kernel per tensor and op); CUDA: fused either way",
     "no_host_sync": f"losses read on the host every {READBACK_EVERY} steps (off: after every step)",
     "channels_last": "NHWC UNet convolutions (off: NCHW)",
     "bf16_autocast": "bf16 autocast, fp32 master weights (off: fp32); CUDA only",
@@ -122,7 +125,7 @@ class LeverBench:
                 m.text_encoder.requires_grad_(True)
             ex.resident.set_checkpointing(lv.gradient_checkpointing)
             options = {"cfg": cfg, "device": self.device, "progress": False,
-                       "optimizer": "auto" if lv.multi_tensor_optimizer else "torch",
+                       "optimizer": optimizer_kind(lv),
                        "readback_every": READBACK_EVERY if lv.no_host_sync else 1}
             run_phase("warm-up", warmup, setup, step, **options)
             result = run_phase(phase, steps, setup, step, **options)
@@ -133,7 +136,15 @@ class LeverBench:
             self.prepared = ex.prepare(self.scene, self.cfg)  # pristine weights, latents not re-encoded
 
 
-PHASES = {name: ("phase1", "phase2") for name in DESCRIPTIONS} | {"frozen_weights_phase1": ("phase1",)}
+PHASES = {name: ("phase1", "phase2") for name in DESCRIPTIONS} | {"frozen_weights_phase1": ("phase1",),
+                                                                     "flat_optimizer": ("phase2",)}
+
+
+def optimizer_kind(lv: Levers) -> str:
+    """``make_optimizer``'s kind for ``lv``: "auto" is flat groups on the CPU."""
+    if not lv.multi_tensor_optimizer:
+        return "torch"
+    return "auto" if lv.flat_optimizer else "foreach"
 
 
 def run_levers(model: str, scene: Scene, device: torch.device, steps: int, include_compile: bool,

@@ -291,7 +291,7 @@ def _throughput(args, tmp: str) -> dict:
 # stage makes (the batch's rows as dicts, and back in the batch's format), nothing more.
 
 def _noop_load(batch, **_):
-    from pipeline.batches import batch_like, rows_of
+    from pipeline.row import batch_like, rows_of
 
     return batch_like(rows_of(batch), batch)
 
@@ -308,7 +308,7 @@ _noop_score = _noop_load
 
 
 def _noop_stage(batch, **_) -> pa.Table:
-    from pipeline.batches import rows_of
+    from pipeline.row import rows_of
     from pipeline.staging import SUMMARY_SCHEMA
 
     return pa.Table.from_pylist([{"image_id": str(r["image_id"]), "manifest_row": int(r["manifest_row"]),

@@ -11,9 +11,10 @@ Per phase (phase 2 in ``full`` mode, the authors' only mode):
   progress bar, autocast and scaler calls);
 - ``authors``: the authors' loop rebuilt (``authors_flow.AuthorsFlow``) on the same
   models, with its processors and layout swapped in for its blocks;
-- ``loop_fused`` (CPU only): the loop with one fused AdamW kernel, as on CUDA. Not the
-  CPU's default: it rounds the last bits differently from torch's default loop, which the
-  golden loss curves were recorded with (``foreach``, the default, is bit for bit that loop).
+- ``loop_fused`` (CPU only): the loop with one fused AdamW kernel, as on CUDA
+  (``RuntimeConfig.optimizer: adamw-fused``). Not the CPU's default: it rounds the last
+  bits differently from torch's default loop, which the golden loss curves were recorded
+  with (the default, multi-tensor AdamW over flat groups, is bit for bit that loop).
 """
 from __future__ import annotations
 
@@ -31,25 +32,27 @@ from breakscene.models.memory import GIB, predict_step_memory
 from breakscene.method.phases import PHASES, PhaseSetup
 from breakscene.method.prior import class_images
 from breakscene.scenes.scene import Scene
-from breakscene.method.training import autocast_context, make_optimizer, run_phase
+from breakscene.method.training import autocast_context, clip_and_step, make_optimizer, release, run_phase
 
 
 def bare_steps(setup: PhaseSetup, step_fn, steps: int, cfg: ExtractConfig, device: torch.device) -> float:
     """Seconds of ``steps`` bare training steps over ``setup``."""
     trainable = [p for p in setup.trainable if p.requires_grad]
     opt = make_optimizer(setup, cfg, device)
-    start = time.perf_counter()
-    for _ in range(steps):
-        with autocast_context(device, cfg.mixed_precision):
-            terms = step_fn()
-        terms.total.backward()
-        torch.nn.utils.clip_grad_norm_(trainable, cfg.optimizer.max_grad_norm)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        setup.after_step()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - start
+    scaler = torch.amp.GradScaler("cuda", enabled=False)  # off: the clipping and step run_phase calls
+    try:
+        start = time.perf_counter()
+        for _ in range(steps):
+            with autocast_context(device, cfg.mixed_precision):
+                terms = step_fn()
+            terms.total.backward()
+            clip_and_step(opt, scaler, trainable, cfg.optimizer.max_grad_norm)
+            setup.after_step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - start
+    finally:
+        release(opt)
 
 
 def memory_fits(ex: Extractor, cfg: ExtractConfig, resolution: int, phase: str) -> str | None:

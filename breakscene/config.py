@@ -61,27 +61,30 @@ def validate_config(model: type[BaseModel], data: dict, where: str, *,
 class OptimizerConfig(StrictModel):
     """AdamW as in the authors' code (the paper's text says Adam, betas (0.9, 0.99))."""
 
-    betas: tuple[float, float] = (0.9, 0.999)
-    weight_decay: float = Field(1e-2, ge=0)
-    eps: float = Field(1e-8, gt=0)
-    max_grad_norm: float = Field(1.0, gt=0)
+    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW's betas")
+    weight_decay: float = Field(1e-2, ge=0, description="AdamW's decoupled weight decay")
+    eps: float = Field(1e-8, gt=0, description="AdamW's epsilon")
+    max_grad_norm: float = Field(1.0, gt=0, description="gradients are clipped to this norm")
 
 
 class PriorConfig(StrictModel):
     """Prior preservation: a plain diffusion loss on images of the base model's prior."""
 
-    enabled: bool = True
-    class_prompt: str = "a photo at the beach"
-    num_class_images: int = Field(100, ge=1)
-    loss_weight: float = Field(1.0, ge=0)
+    enabled: bool = Field(True, description="train on class images too, so the model keeps its prior")
+    class_prompt: str = Field("a photo at the beach", description="the prompt the class images are made with and "
+                                                                  "trained on")
+    num_class_images: int = Field(100, ge=1, description="class images for prior preservation")
+    loss_weight: float = Field(1.0, ge=0, description="weight of the prior loss")
     class_data_dir: str | None = None  # a folder of ready class images (authors' --class_data_dir)
     generation_steps: int = Field(50, ge=1)  # sampler steps when the images must be generated
 
 
 class LoraConfigFields(StrictModel):
-    rank: int = Field(16, ge=1)
-    alpha: float = Field(16.0, gt=0)
-    lr: float = Field(1e-4, gt=0)
+    """The adapters phase 2 trains when ``phase2_mode`` is ``lora``."""
+
+    rank: int = Field(16, ge=1, description="the adapters' rank")
+    alpha: float = Field(16.0, gt=0, description="the adapters' alpha (their scale is alpha / rank)")
+    lr: float = Field(1e-4, gt=0, description="learning rate of the adapters in phase 2")
     text_encoder: bool = True  # adapters on the text encoder too, not only the UNet
 
 
@@ -91,50 +94,67 @@ class RuntimeConfig(StrictModel):
     ``ExtractConfig`` (nor of a cache key), and a bundle records it only as information."""
 
     channels_last: bool = True  # NHWC convolutions in the UNet (tensor cores on CUDA)
-    compile: bool = False  # torch.compile the UNet once; pays off only over many scenes
+    # torch.compile the UNet once per Extractor: minutes of compiling, then faster steps on a
+    # GPU; generated kernels round differently from eager ones (losses move at ~1e-6)
+    compile: bool = Field(False, description="torch.compile the UNet once (slow start, faster steps on a GPU; "
+                                             "losses differ from eager at ~1e-6)")
     compile_backend: str = "inductor"  # torch.compile backend ("eager" traces without code generation)
-    # Recompute activations in backward instead of storing them. "auto": decided for each
-    # phase on CUDA: on when that phase's predicted peak would not fit the device (memory.py).
-    gradient_checkpointing: Literal["auto", "on", "off"] = "auto"
+    # "adamw": fused on CUDA; on the CPU torch's multi-tensor AdamW over flat parameter
+    # groups, bit for bit torch's default AdamW. "adamw-fused": fused on every device: on
+    # the CPU faster still, but it rounds differently (losses move at ~1e-6 over 800 steps).
+    optimizer: Literal["adamw", "adamw-fused"] = Field(
+        "adamw", description="adamw: fused on CUDA, bit for bit torch's default AdamW on the CPU; adamw-fused: "
+                             "fused on the CPU too (faster there, losses differ at ~1e-6)")
+    # "auto": the prediction of models/memory.py
+    gradient_checkpointing: Literal["auto", "on", "off"] = Field(
+        "auto", description="recompute activations in backward instead of storing them; auto: on CUDA, for each "
+                            "phase whose predicted peak would not fit the device")
     memory_headroom: float = Field(0.9, gt=0, le=1)  # "auto" keeps the prediction under this share
 
 
 class ExtractConfig(StrictModel):
     """One Break-A-Scene run: two phases, union sampling, masked + attention losses."""
 
-    phase1_steps: int = Field(400, ge=0)
-    phase1_lr: float = Field(5e-4, gt=0)
-    phase2_steps: int = Field(400, ge=0)
-    phase2_lr: float = Field(2e-6, gt=0)
-    phase2_mode: Literal["full", "lora"] = "full"
+    phase1_steps: int = Field(400, ge=0, description="phase 1: steps training only the new token rows")
+    phase1_lr: float = Field(5e-4, gt=0, description="phase 1 learning rate")
+    phase2_steps: int = Field(400, ge=0, description="phase 2: steps training the tokens with the UNet and text "
+                                                     "encoder (or their LoRA adapters)")
+    phase2_lr: float = Field(2e-6, gt=0, description="phase 2 learning rate of the UNet and text encoder (full)")
+    phase2_mode: Literal["full", "lora"] = Field("full", description="full: train and save the whole UNet and text "
+                                                                     "encoder (~4.8 GB bundles at SD 2.1); lora: "
+                                                                     "LoRA adapters (a few MB)")
     lora: LoraConfigFields = Field(default_factory=LoraConfigFields)
-    lambda_attn: float = Field(0.01, ge=0)
-    flip_p: float = Field(0.5, ge=0, le=1)
-    batch_size: int = Field(1, ge=1)
-    max_concepts: int = Field(4, ge=1, le=16)
+    lambda_attn: float = Field(0.01, ge=0, description="weight of the cross-attention loss")
+    flip_p: float = Field(0.5, ge=0, le=1, description="probability of a horizontal flip of each example")
+    batch_size: int = Field(1, ge=1, description="examples per training step")
+    max_concepts: int = Field(4, ge=1, le=16, description="concepts per image: the masks a scene may have in "
+                                                          "`extract`; in a job, how many of an image's masks "
+                                                          "become concepts")
     # "mask": divide by the mask's area (fixes the authors' area-dependent weight);
     # "all": the authors' mean over all latent pixels (kept for parity checks).
     masked_loss_normalization: Literal["mask", "all"] = "mask"
     # Attention maps are read at latent / attn_downsample (16x16 for SD at 512 px).
     attn_downsample: int = Field(4, ge=1)
-    attn_max_eps: float = Field(1e-6, gt=0)
+    attn_max_eps: float = Field(1e-6, gt=0, description="added to a map's maximum when it is max-normalised")
     # None: the model's native resolution; the model's own multiple is checked when it is loaded
     resolution: int | None = Field(None, ge=8, le=MAX_RESOLUTION)
     prior: PriorConfig = Field(default_factory=PriorConfig)
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
-    seed: Seed = 0
+    seed: Seed = Field(0, description="seed of the run's randomness: union sampling, flips, noise and timesteps")
     # Mixed precision on CUDA ("bf16"/"fp16" autocast with fp32 master weights); CPU runs fp32.
     mixed_precision: Literal["no", "bf16", "fp16"] = "bf16"
     # Attention diagnostic after training: timesteps and noise seed are fixed so that
     # two bundles are compared on equal terms.
     diagnostic_timesteps: tuple[int, ...] = (100, 300, 500, 700)
-    diagnostic_seed: Seed = 1234
-    diagnostic_threshold: float = Field(0.5, gt=0, lt=1)
+    diagnostic_seed: Seed = Field(1234, description="noise seed of the attention diagnostic")
+    diagnostic_threshold: float = Field(0.5, gt=0, lt=1, description="a max-normalised map above this is the "
+                                                                     "token's region, for its IoU with the mask")
     # Sample grid written with every bundle: one batched call, one generator per seed.
-    grid_seeds: int = Field(2, ge=0)
-    grid_inference_steps: int = Field(20, ge=1)
-    grid_scheduler: SamplerName = "dpm++"  # a name in schedulers.SCHEDULERS; recorded in the bundle
-    guidance_scale: float = Field(7.5, ge=0)
+    grid_seeds: int = Field(2, ge=0, description="seeds of the bundle's sample grid; 0 writes no grid")
+    grid_inference_steps: int = Field(20, ge=1, description="sampler steps of the grid")
+    grid_scheduler: SamplerName = Field("dpm++", description="sampler of the grid, recorded in the bundle (the "
+                                                             "default of `breakscene generate`)")
+    guidance_scale: float = Field(7.5, ge=0, description="classifier-free guidance of the grid")
 
     @model_validator(mode="after")
     def _check(self) -> "ExtractConfig":

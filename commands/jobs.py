@@ -5,7 +5,7 @@ import sys
 
 from breakscene.files.strictjson import to_json
 
-# Exit codes a scheduler (RayJob, CronJob, CI) can act on; shown in `run --help`, README.
+# Exit codes a scheduler (RayJob, CronJob, CI) can act on; shown in `run --help`, docs/bad-input.md.
 EXIT_TOO_MANY_FAILED = 3
 RUN_EXIT_CODES = ("exit status: 0 the run finished and its failed rows, if any, are within max_failed_fraction; "
                   "1 an unexpected error (a traceback); 2 bad input or configuration, one 'error:' line naming it, "
@@ -15,8 +15,8 @@ RUN_EXIT_CODES = ("exit status: 0 the run finished and its failed rows, if any, 
                   "resumes; 130 / 143 stopped by Ctrl-C / SIGTERM, the lease released.")
 SUBMIT_EXIT_CODES = ("exit status: 0 submitted (--no-wait) or the job succeeded; 2 bad input (job file, runtime "
                      "env, address, token, an upload over the size limit) or the job's own exit status 2; 3 the "
-                     "job's `breakscene run` exited 3 (too many failed rows) or 4 (the output stopped taking writes); "
-                     "1 the job failed or was stopped otherwise.")
+                     "job's `breakscene run` exited 3 (too many failed rows); 4 the job's `breakscene run` exited 4 "
+                     "(the output stopped taking writes); 1 the job failed or was stopped otherwise.")
 
 
 def failed_share_message(counts: dict, max_failed_fraction: float) -> str | None:
@@ -136,7 +136,7 @@ def _holding(output: str, what: str):
     and only once the table writer is known to reach it (one error, not a delta-rs trace)."""
     from batchjob.lease import Lease
     from batchjob.preflight import check_existing_output
-    from pipeline.checks import check_table_writer
+    from pipeline.tables import check_table_writer
 
     check_existing_output(output)
     check_table_writer(output)

@@ -26,15 +26,22 @@ SMOKE = {"phase1_steps": 2, "phase2_steps": 2, "grid_seeds": 0}
 
 
 def add_extract_parser(sub) -> None:
-    p = sub.add_parser("extract", help="learn one token per mask of a single image")
+    p = sub.add_parser("extract", help="learn one token per mask of an image, or per object of a concept group")
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--scene", help="folder with img.jpg and mask0.png, mask1.png, ...")
+    src.add_argument("--scene", action="append", default=None,
+                     help="folder with img.jpg and mask0.png, mask1.png, ... (optional labels.txt: one label per "
+                          "mask, also its initializer word); repeat for a concept group: the same label in several "
+                          "folders is one object, learned as one token from every image that shows it")
     src.add_argument("--image", help="image path or URI (with --mask)")
     p.add_argument("--mask", action="append", default=[], help="mask path or URI; repeat per concept")
     p.add_argument("--init-token", nargs="+", default=[], metavar="WORD",
-                   help="initializer word per concept, in mask order")
+                   help="initializer word per concept, in mask order (one scene)")
+    p.add_argument("--group-draw", choices=("uniform", "balanced"), default="uniform",
+                   help="a concept group's step picks its image uniformly, or an object uniformly and then an "
+                        "image that shows it (objects seen in few images are not drowned)")
     p.add_argument("--model", default=DEFAULT_MODEL,
-                   help="preset (tiny, sd21-base-random), diffusers folder, fsspec URI or hub id")
+                   help="preset (tiny, sd21-base-random, sdxl-tiny, sdxl-base-random), diffusers folder "
+                        "(Stable Diffusion 1.x/2.x or XL), fsspec URI or hub id")
     p.add_argument("--revision", default=None, help="the model's hub revision (branch, tag or commit)")
     p.add_argument("--config", help="YAML file with ExtractConfig fields (flags below override it)")
     p.add_argument("--phase1-steps", type=int, help="steps training only the new token rows")
@@ -99,10 +106,11 @@ def add_generate_parser(sub) -> None:
 
 def add_export_base_parser(sub) -> None:
     p = sub.add_parser("export-base", help="write a random-weight preset as a diffusers folder",
-                       description="Write a preset (tiny, sd21-base-random) as the folder "
-                                   "StableDiffusionPipeline.from_pretrained reads: the base that bundles "
-                                   "trained on the preset load on with plain diffusers.")
-    p.add_argument("preset", help="tiny or sd21-base-random")
+                       description="Write a preset (tiny, sd21-base-random, sdxl-tiny, sdxl-base-random) as "
+                                   "the folder StableDiffusionPipeline (StableDiffusionXLPipeline for sdxl-*) "
+                                   ".from_pretrained reads: the base that bundles trained on the preset load "
+                                   "on with plain diffusers.")
+    p.add_argument("preset", help="tiny, sd21-base-random, sdxl-tiny or sdxl-base-random")
     p.add_argument("out", metavar="DIR", help="folder or URI to write (new or empty)")
     p.add_argument("--force", action="store_true", help="replace an earlier export at DIR")
     p.set_defaults(func=cmd_export_base)
@@ -130,26 +138,35 @@ def config_from_args(args) -> ExtractConfig:
     return validate_config(ExtractConfig, data, args.config or "command line")
 
 
+def load_inputs(args, max_concepts: int):
+    """The scene of ``--image`` / ``--mask``, or the concept group of the ``--scene`` folders
+    (one folder: a group of one, exactly a scene)."""
+    from breakscene.scenes.group import load_group_dirs
+    from breakscene.scenes.scene import load_scene
+
+    if not args.scene:
+        return load_scene(args.image, args.mask, max_concepts)
+    group = load_group_dirs(args.scene, max_concepts)
+    group.draw = args.group_draw
+    return group
+
+
 def cmd_extract(args) -> int:
-    from breakscene.models.budget import check_fits
+    from breakscene.models.memory import check_fits
     from breakscene.files.bundle import MARKER
     from breakscene.extraction.extractor import Extractor
     from breakscene.models.loading import pick_device
     from breakscene.files.output_checks import check_output_dir
-    from breakscene.scenes.scene import load_scene, scene_dir_files
-
     # Every check before any model is loaded: config, device, inputs, output, memory.
     cfg = config_from_args(args)
     device = pick_device(args.device)
-    if args.scene:
-        image, masks = scene_dir_files(args.scene)
-    elif not args.mask:
+    if args.image and not args.mask:
         raise BreakSceneError("--image needs at least one --mask")
-    else:
-        image, masks = args.image, args.mask
-    inputs = [args.scene or image, *masks, cfg.prior.class_data_dir]
+    if args.scene and len(args.scene) > 1 and args.init_token:
+        raise BreakSceneError("--init-token is for one scene: a concept group's labels (labels.txt) are its words")
+    inputs = [*(args.scene or [args.image]), *args.mask, cfg.prior.class_data_dir]
     check_output_dir(args.out, marker=MARKER, inputs=[i for i in inputs if i], replace=args.force)
-    scene = load_scene(image, masks, cfg.max_concepts)
+    scene = load_inputs(args, cfg.max_concepts)
     if len(args.init_token) > scene.num_concepts:
         raise BreakSceneError(f"{len(args.init_token)} --init-token words for {scene.num_concepts} masks")
     runtime = RuntimeConfig(compile=args.compile, channels_last=args.channels_last,
@@ -218,22 +235,24 @@ def cmd_generate(args) -> int:
 
 def cmd_export_base(args) -> int:
     from breakscene.errors import OutputError
-    from breakscene.models.loading import load_models
+    from breakscene.models.loading import load_models, load_sdxl_models
     from breakscene.files.output_checks import check_output_dir
-    from breakscene.models.presets import PRESETS
+    from breakscene.models.presets import PRESETS, SDXL_PRESETS, preset_family
     from breakscene.files.storage import exists, join, publish_dir
 
     marker = "model_index.json"  # diffusers writes it with every pipeline folder
-    if args.preset not in PRESETS:
-        raise BreakSceneError(f"unknown preset {args.preset!r}: presets are {', '.join(PRESETS)}")
+    family = preset_family(args.preset)
+    if family is None:
+        raise BreakSceneError(f"unknown preset {args.preset!r}: presets are {', '.join([*PRESETS, *SDXL_PRESETS])}")
     if exists(join(args.out, marker)) and not args.force:
         raise OutputError(f"{args.out} already holds a diffusers folder; pass --force to replace it")
     check_output_dir(args.out, marker=marker, replace=True, what="DIR")
+    load, pipeline = ((load_models, "StableDiffusionPipeline") if family == "sd"
+                      else (load_sdxl_models, "StableDiffusionXLPipeline"))
     with tempfile.TemporaryDirectory(prefix="export-base-") as tmp:
-        load_models(args.preset).save_pretrained(tmp)
+        load(args.preset).save_pretrained(tmp)
         publish_dir(Path(tmp), args.out, marker)
-    print(to_json({"out": args.out, "preset": args.preset,
-                      "load": f"StableDiffusionPipeline.from_pretrained({args.out!r})"}))
+    print(to_json({"out": args.out, "preset": args.preset, "load": f"{pipeline}.from_pretrained({args.out!r})"}))
     return 0
 
 

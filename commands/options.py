@@ -31,12 +31,14 @@ def package_version() -> str:
 
 class CommandParser(argparse.ArgumentParser):
     """An ArgumentParser that keeps, as public attributes, what the command line walks
-    later: its ``options`` (every action added) and its sub-``commands`` by name, so that
-    help, defaults and flag suggestions never reach into argparse's private state."""
+    later: its ``options`` (every action added), its sub-``commands`` by name and, for a
+    sub-command, its ``summary`` (the ``help=`` of ``add_parser``), so that help, defaults,
+    flag suggestions and the generated docs/cli.md never reach into argparse's private state."""
 
     def __init__(self, *args, **kwargs) -> None:
         self.options: list[argparse.Action] = []
         self.commands: dict[str, CommandParser] = {}
+        self.summary: str | None = None  # a sub-command's one-line help in its parent's list
         super().__init__(*args, **kwargs)
 
     def add_argument(self, *args, **kwargs) -> argparse.Action:
@@ -65,6 +67,14 @@ class CommandParser(argparse.ArgumentParser):
     def add_subparsers(self, **kwargs):
         group = super().add_subparsers(parser_class=CommandParser, **kwargs)
         self.commands = group.choices  # name -> CommandParser, filled as add_parser is called
+        add_parser = group.add_parser
+
+        def add_parser_keeping_help(name, **options) -> CommandParser:
+            parser = add_parser(name, **options)
+            parser.summary = options.get("help")  # argparse keeps it only in private state
+            return parser
+
+        group.add_parser = add_parser_keeping_help
         return group
 
     def option_strings(self) -> set[str]:

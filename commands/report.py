@@ -8,7 +8,8 @@ def add_parsers(sub) -> None:
     report = sub.add_parser("report", help="HTML / PNG / Markdown report of a robustness study")
     report.add_argument("results", help="the study's output URI (or its measurements Parquet file)")
     report.add_argument("--out", "--output", dest="out", required=True,
-                        help="local folder for index.html, figures/ and summary.md")
+                        help="folder or fsspec URI (s3://...) for index.html, figures/, summary.md and report.json; "
+                             "committed whole, replacing only an earlier report")
     report.set_defaults(func=cmd_report)
 
 

@@ -35,22 +35,22 @@ from pipeline.tables import clear_staging
 from batchjob.cluster import auto_gpus, init_ray
 from pipeline.config import JobConfig
 from pipeline.demo import build_demo_inputs
-from pipeline.doneset import DoneSet
+from pipeline.shards import DoneSet
 from pipeline.intent import commit_run, intent_uri, pending, roll_forward
 from batchjob.lease import Lease, read_lease
 from batchjob.preflight import claim_output_folder
-from pipeline.checks import check_job
-from batchjob.resources import fit_plan, stage_plan
+from pipeline.tables import check_job
+from batchjob.cluster import fit_plan, stage_plan
 from pipeline.staging import SUMMARY_SCHEMA, Tally, finish_scored, skip_done, stage_tables
 from pipeline.stages import ContentClaims, Extract, Segment, load_images, score_and_select
-from pipeline.stage_settings import ExtractSettings, SegmentSettings, SelectSettings
-from pipeline.status import Status
+from pipeline.config import ExtractSettings, SegmentSettings, SelectSettings
+from pipeline.records import Status
 
 log = logging.getLogger(__name__)
 ROWS_PER_BLOCK = 512  # at most, per Ray Data block through the cheap stages (at least 8 blocks)
 EXTRACT_ROWS_PER_BLOCK = 16  # at most, per block into extraction (seconds per image)
 # Arrow batches into every stage: a pandas batch costs a conversion each way per call
-# (12 ms per row at the extract stage's one-row batches; see pipeline/batches.py)
+# (12 ms per row at the extract stage's one-row batches; see pipeline/row.py)
 FORMAT = "pyarrow"
 
 

@@ -30,10 +30,10 @@ from breakscene.files.strictjson import finite
 
 from pipeline.records import (DONE_STATUSES, build_record, bundle_uri, clear_partial_bundle, read_record, record_uri, uri_id, write_record)
 from batchjob.artifacts import write_output
-from pipeline.batches import batch_like, rows_of
+from pipeline.row import batch_like, rows_of
 from batchjob.settings import apply_storage
-from pipeline.stage_settings import ExtractSettings, SegmentSettings, SelectSettings
-from pipeline.status import Status
+from pipeline.config import ExtractSettings, SegmentSettings, SelectSettings
+from pipeline.records import Status
 
 log = logging.getLogger(__name__)
 USER = "user"  # the source of a mask the manifest gave

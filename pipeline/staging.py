@@ -16,9 +16,9 @@ from pipeline.records import build_record, read_record, table_rows
 from pipeline.tables import stage_rows, staging_dir
 from batchjob.artifacts import write_output
 from batchjob.settings import apply_storage
-from pipeline.doneset import resolve
+from pipeline.shards import resolve
 from pipeline.row import STAGES
-from pipeline.status import Status
+from pipeline.records import Status
 
 SUMMARY_SCHEMA = pa.schema([
     ("image_id", pa.string()), ("manifest_row", pa.int64()), ("manifest_label", pa.string()),

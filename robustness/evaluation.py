@@ -44,13 +44,19 @@ TEMPLATES = (
 
 
 class EvalConfig(StrictModel):
-    generation: bool = True
-    templates: int = Field(10, ge=1, le=len(TEMPLATES))
-    seeds: int = Field(1, ge=1)
-    steps: int = Field(25, ge=1)
-    guidance_scale: float = Field(7.5, ge=0)
-    identity_embedder: str = DEFAULT_IDENTITY
-    prompt_embedder: str = DEFAULT_PROMPT
+    """What is measured of each concept, against the clean masks: attention and reconstruction,
+    and with ``generation`` identity and prompt similarity of images generated from templates."""
+
+    generation: bool = Field(True, description="also generate from prompt templates and measure identity and "
+                                               "prompt similarity (false: attention and reconstruction only)")
+    templates: int = Field(10, ge=1, le=len(TEMPLATES), description="prompt templates used, of the fixed ten")
+    seeds: int = Field(1, ge=1, description="images generated per template")
+    steps: int = Field(25, ge=1, description="sampler steps of each generated image")
+    guidance_scale: float = Field(7.5, ge=0, description="classifier-free guidance of each generated image")
+    identity_embedder: str = Field(DEFAULT_IDENTITY, description="hub id or folder of the identity embedder "
+                                                                 "(DINO or CLIP; tiny: random weights, for tests)")
+    prompt_embedder: str = Field(DEFAULT_PROMPT, description="hub id or folder of the CLIP model of prompt "
+                                                             "similarity (tiny: random weights, for tests)")
 
 
 def _grey_outside(image: Image.Image, mask: np.ndarray) -> Image.Image:

@@ -23,9 +23,14 @@ SEGMENTER = "segmenter:"  # family prefix of real segmenter noise ("segmenter:cl
 
 
 class NoiseGrid(StrictModel):
-    families: list[str] = Field(default_factory=lambda: list(FAMILIES))
-    severities: list[float] = Field(default_factory=lambda: [0.25, 0.5, 0.75, 1.0])
-    seeds: list[int] = Field(default_factory=lambda: [0])
+    """The noise each scene's clean masks get: one clean cell, then every family at every
+    severity and seed, then the masks of real segmenters."""
+
+    families: list[str] = Field(default_factory=lambda: list(FAMILIES),
+                                description=f"noise families, of {', '.join(FAMILIES)}")
+    severities: list[float] = Field(default_factory=lambda: [0.25, 0.5, 0.75, 1.0],
+                                    description="severities in (0, 1], scaled by each object's size")
+    seeds: list[int] = Field(default_factory=lambda: [0], description="noise seeds of each family and severity")
     segmenters: list[str] = Field(default_factory=list)  # real segmenter noise: classical, sam, tiny-sam
 
     @field_validator("families")
@@ -48,20 +53,28 @@ class StudyConfig(StrictModel):
     REFUSED_KEYS: ClassVar[dict[str, str]] = {
         "force": "a study never recomputes finished cells; remove its outputs to redo them"}
 
-    kind: Literal["study"]
-    name: str = "robustness"
-    output: str
+    kind: Literal["study"] = Field(description="a noisy-mask study")
+    name: str = Field("robustness", description="the study's name, in its summary and lease")
+    output: str = Field(description="folder or URI of the study's cells and measurements")
     scenes: SceneSources = Field(default_factory=SceneSources)
     noise: NoiseGrid = Field(default_factory=NoiseGrid)
-    axes: dict[str, list] = Field(default_factory=dict)  # ExtractConfig field -> values
-    model: ModelConfig = Field(default_factory=ModelConfig)
+    axes: dict[str, list] = Field(default_factory=dict, description="extraction settings as grid axes: "
+                                                                    "extract field -> values, e.g. "
+                                                                    "{lambda_attn: [0, 0.01]}")
+    model: ModelConfig = Field(default_factory=ModelConfig, description="the diffusion model every concept is "
+                                                                        "learned on")
     extract: ExtractConfig = Field(default_factory=ExtractConfig)
-    evaluation: EvalConfig = Field(default_factory=EvalConfig)
-    segmenter: SegmenterConfig = Field(default_factory=lambda: SegmenterConfig(kind="classical"))
-    storage: StorageConfig = Field(default_factory=StorageConfig)
-    resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
+    evaluation: EvalConfig = Field(default_factory=EvalConfig, description="what is measured of each concept")
+    segmenter: SegmenterConfig = Field(default_factory=lambda: SegmenterConfig(kind="classical"),
+                                       description="settings of the segmenters named in noise.segmenters "
+                                                   "(each with its kind from there)")
+    storage: StorageConfig = Field(default_factory=StorageConfig, description="remote storage: fsspec options, "
+                                                                          "timeouts and retries")
+    resources: ResourcesConfig = Field(default_factory=ResourcesConfig, description="actor pools: how many, "
+                                                                                "with how many GPUs and CPUs")
     seconds_per_step: float | None = Field(None, gt=0)  # for the estimate when no cell is done yet
-    runtime_env: dict = Field(default_factory=dict)
+    runtime_env: dict = Field(default_factory=dict, description="Ray's runtime_env for `breakscene submit` "
+                                                                "(working_dir, pip, env_vars, ...)")
 
     @model_validator(mode="after")
     def _axes_and_scenes(self) -> "StudyConfig":

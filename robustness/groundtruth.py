@@ -30,23 +30,26 @@ class StudyScene:
 
 
 class CocoSource(StrictModel):
+    """COCO scenes as the paper chose them: images with at least ``min_instances`` segments,
+    each covering at least ``min_area`` of the image."""
+
     annotations: str  # instances_*.json
     images: str  # folder (or URI prefix) of the images
-    max_scenes: int = Field(50, ge=1)
+    max_scenes: int = Field(50, ge=1, description="scenes taken, in image id order")
     min_instances: int = Field(2, ge=1)  # the paper: >= 2 "thing" segments ...
     min_area: float = Field(0.15, gt=0, le=1)  # ... each covering >= 15% of the image
-    max_instances: int = Field(4, ge=1)
-    exclude_classes: list[str] = Field(default_factory=list)
+    max_instances: int = Field(4, ge=1, description="the largest this many segments of a scene are its masks")
+    exclude_classes: list[str] = Field(default_factory=list, description="COCO class names left out")
 
 
 class SceneSources(StrictModel):
     """Where the study's scenes come from (a study needs at least one). ``manifest`` is the same spec
     as an extraction job's (a URI, or ``{uri, columns}``), its rows with ``mask_uris``."""
 
-    generated: int = Field(0, ge=0)
-    generated_size: int = Field(256, ge=64)
-    manifest: ManifestConfig | None = None
-    coco: CocoSource | None = None
+    generated: int = Field(0, ge=0, description="generated scenes (shapes with exact masks)")
+    generated_size: int = Field(256, ge=64, description="pixels a side of the generated scenes")
+    manifest: ManifestConfig | None = Field(None, description="photos with their clean masks: rows with mask_uris")
+    coco: CocoSource | None = Field(None, description="scenes from COCO annotations, filtered as in the paper")
 
     def is_empty(self) -> bool:
         return not (self.generated or self.manifest or self.coco)

@@ -26,6 +26,7 @@ import io
 import logging
 import os
 import posixpath
+import tempfile
 from pathlib import Path
 
 import fsspec
@@ -33,7 +34,8 @@ import numpy as np
 import pandas as pd
 
 from breakscene.errors import BreakSceneError
-from breakscene.files.storage import exists, folder_state, join, read_bytes, refuse_foreign
+from breakscene.files.output_checks import check_plain_prefix
+from breakscene.files.storage import exists, folder_state, join, publish_dir, read_bytes, refuse_foreign
 from breakscene.files.strictjson import to_json
 
 log = logging.getLogger(__name__)
@@ -258,11 +260,24 @@ def sample_grids(ok: pd.DataFrame, root: str, n_scenes: int = 2) -> tuple[list, 
     return out, skipped
 
 
-def build_report(results_uri: str, out_dir: str | Path) -> dict:
-    out_dir = Path(out_dir)
+def build_report(results_uri: str, out: str | Path) -> dict:
+    """The report of a study's measurements into ``out``, a local folder or any fsspec URI:
+    rendered in a temporary folder, then committed whole (``report.json`` last), so a report
+    stopped half-way leaves nothing, and a folder is replaced only when an earlier report of
+    this project is there."""
+    out = str(out)
+    check_plain_prefix(out, what="output")
     # a folder holding report.json is an earlier report (replaced); anything else is the user's
-    refuse_foreign(str(out_dir), folder_state(str(out_dir), "report.json"), "report.json")
+    refuse_foreign(out, folder_state(out, "report.json"), "report.json")
     df = load_measurements(results_uri)
+    with tempfile.TemporaryDirectory(prefix="breakscene-report-") as tmp:
+        summary = render_report(df, results_uri, Path(tmp))
+        publish_dir(Path(tmp), out, marker="report.json")
+    return summary
+
+
+def render_report(df: pd.DataFrame, results_uri: str, out_dir: Path) -> dict:
+    """index.html, figures/, summary.md and report.json of ``df`` in the local ``out_dir``."""
     (out_dir / "figures").mkdir(parents=True, exist_ok=True)
     ok = df[df["status"] == "ok"].copy()
     skipped = df[df["status"] != "ok"].drop_duplicates("cell_id")

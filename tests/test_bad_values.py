@@ -79,7 +79,7 @@ def test_a_step_the_machine_cannot_hold_is_refused_before_the_model_loads(tmp_pa
 
 @pytest.mark.parametrize("where", ["preset", "folder"])
 def test_the_meta_model_predicts_what_the_loaded_model_predicts(tmp_path, where):
-    from breakscene.models.budget import meta_models
+    from breakscene.models.memory import meta_models
     from breakscene.config import ExtractConfig
     from breakscene.models.memory import predict_step_memory
     from breakscene.models.loading import load_models
@@ -100,7 +100,7 @@ def test_on_cuda_a_step_is_judged_as_the_extractor_will_run_it():
     does not fit even checkpointed (in mixed precision); the CPU trains fp32 as configured."""
     import torch
 
-    from breakscene.models.budget import meta_models, predicted_peak
+    from breakscene.models.memory import meta_models, predicted_peak
     from breakscene.config import ExtractConfig, RuntimeConfig
     from breakscene.models.memory import predict_step_memory
 

@@ -81,13 +81,16 @@ def test_levers_benchmark_flips_each_lever_alone():
 
     result = bench_levers(argparse.Namespace(model="tiny", steps=1, rounds=1, compile=False))
     assert set(result["levers"]) == {"cached_latents", "loss_layers_only", "frozen_weights_phase1",
-                                     "multi_tensor_optimizer", "no_host_sync", "channels_last",
+                                     "multi_tensor_optimizer", "flat_optimizer", "no_host_sync", "channels_last",
                                      "gradient_checkpointing"}
     assert "CUDA only" in result["bf16_autocast"] and "CUDA only" in result["cuda_graphs"]
     assert set(result["levers"]["frozen_weights_phase1"]) == {"what", "phase1_ms_with", "phase1_ms_without",
                                                               "phase1_gain"}
+    # phase 1 trains one tensor: flat groups are a phase-2 lever
+    assert set(result["levers"]["flat_optimizer"]) == {"what", "phase2_ms_with", "phase2_ms_without", "phase2_gain"}
     for row in result["levers"].values():
-        assert row["phase1_ms_with"] > 0 and row["phase1_gain"] > 0
+        phase = "phase2" if "phase2_gain" in row and "phase1_gain" not in row else "phase1"
+        assert row[f"{phase}_ms_with"] > 0 and row[f"{phase}_gain"] > 0
 
 
 def test_memory_benchmark_predicts_every_phase_and_mode():

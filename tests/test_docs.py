@@ -1,14 +1,18 @@
 """The README and docs/ are true to the code: the README stays a front door (short, linking
 every page), every link and anchor resolves, every `breakscene` command and flag written in
 them exists, the job files they show load, the output schemas they list are the tables'
-own, and their Python snippets run as written (the diffusers one without this project)."""
+own, and their Python snippets run as written (the diffusers one without this project).
+docs/cli.md and docs/job-files.md are generated from the parser and the job models
+(commands/reference.py) and must equal what would be generated now."""
 import os
 import re
 import subprocess
 import sys
+import typing
 from pathlib import Path
 
 import pytest
+from pydantic import BaseModel, Field, create_model
 
 from commands.main import build_parser
 from commands.options import CommandParser
@@ -239,3 +243,130 @@ def test_readme_diffusers_snippet_runs_without_the_project(tmp_path):
     from PIL import Image
 
     assert Image.open(tmp_path / "beach.png").size == (64, 64)
+
+
+# --- the generated references: docs/cli.md and docs/job-files.md ----------------------------
+
+def leaf_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
+    """Every key of a job model as written in a job file (``selection.min_quality``): sections
+    (a model, or a model or null) are walked, anything else is a leaf."""
+    keys = []
+    for name, field in model.model_fields.items():
+        types = typing.get_args(field.annotation) or (field.annotation,)
+        sections = [t for t in types if isinstance(t, type) and issubclass(t, BaseModel)]
+        keys += leaf_keys(sections[0], f"{prefix}{name}.") if sections else [prefix + name]
+    return keys
+
+
+def reference_check(docs: Path, capsys) -> tuple[int, str]:
+    """``python -m commands.reference --check --docs DOCS`` in this process: (status, stderr)."""
+    from commands import reference
+
+    status = reference.main(["--check", "--docs", str(docs)])
+    return status, capsys.readouterr().err
+
+
+def test_the_references_are_what_the_parser_and_the_models_generate():
+    from commands import reference
+
+    generated = reference.pages()
+    assert set(generated) == {"cli.md", "job-files.md"}
+    for name, text in generated.items():
+        assert (DOCS / name).read_text() == text, f"docs/{name} is stale: run `make docs`"
+        assert str(ROOT) not in text and "/home/" not in text and "/tmp" not in text  # no machine paths
+    assert reference.pages() == generated  # deterministic: the same twice
+
+
+def planted_job_model():
+    """JobConfig with one more key under ``selection``, as a change to pipeline/config.py makes."""
+    from pipeline.config import JobConfig, SelectionConfig
+
+    selection = create_model("PlantedSelection", __base__=SelectionConfig,
+                             max_blur=(float, Field(0.3, ge=0, lt=2, description="a planted key")))
+    return create_model("PlantedJob", __base__=JobConfig, selection=(selection, Field(default_factory=selection)))
+
+
+def test_a_changed_parser_or_job_model_is_a_stale_page(tmp_path, capsys):
+    from commands import reference
+    from robustness.grid import StudyConfig
+
+    parser = build_parser()
+    parser.commands["extract"].add_argument("--planted-option", type=int, default=3, help="a planted option")
+    cli = reference.cli_page(parser)
+    row = next(line for line in cli.splitlines() if "`--planted-option`" in line)
+    assert "integer" in row and "`3`" in row and "a planted option" in row
+    jobs = reference.job_files_page({"extract": planted_job_model(), "study": StudyConfig})
+    row = next(line for line in jobs.splitlines() if "`selection.max_blur`" in line)
+    assert ">= 0" in row and "< 2" in row and "`0.3`" in row and "a planted key" in row
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    for name in ("cli.md", "job-files.md"):
+        (docs / name).write_text((DOCS / name).read_text())
+    assert reference_check(docs, capsys) == (0, "")
+    for name, planted in (("cli.md", cli), ("job-files.md", jobs)):
+        committed = (docs / name).read_text()
+        (docs / name).write_text(planted)
+        status, err = reference_check(docs, capsys)
+        (line,) = err.strip().splitlines()
+        assert status == 1 and str(docs / name) in line and "python -m commands.reference" in line
+        (docs / name).write_text(committed)
+    (docs / "cli.md").unlink()
+    assert "cli.md" in reference_check(docs, capsys)[1]
+
+
+def test_the_reference_command_writes_both_pages_and_checks_them(tmp_path, capsys):
+    from commands import reference
+
+    assert reference.main(["--docs", str(tmp_path)]) == 0
+    for name in ("cli.md", "job-files.md"):
+        assert (tmp_path / name).read_text() == (DOCS / name).read_text()
+    (tmp_path / "job-files.md").write_text("stale\n")
+    # the command as `make docs` and CI run it: a stale page is exit status 1 and one line
+    proc = subprocess.run([sys.executable, "-m", "commands.reference", "--check", "--docs", str(tmp_path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and proc.stdout == ""
+    (line,) = proc.stderr.splitlines()
+    assert line.startswith("error: ") and "job-files.md" in line and "cli.md" not in line
+
+
+def test_every_command_and_option_is_in_the_cli_reference():
+    parser = build_parser()
+    text = (DOCS / "cli.md").read_text()
+    rows = [line for line in text.splitlines() if line.startswith("| `")]
+    for name, command in [("", parser), *parser.commands.items()]:
+        assert f"## `breakscene{' ' + name if name else ''}`" in text, name
+        for action in command.options:
+            for flag in action.option_strings or [action.metavar or action.dest]:
+                assert any(f"`{flag}`" in row for row in rows), f"breakscene {name} {flag}"
+    assert "exit status: " not in text and "`130` / `143`" in text  # the epilogs, as lists
+    assert "%(default)s" not in text
+
+
+def test_every_job_key_is_in_the_job_file_reference():
+    from pipeline.config import JobConfig
+    from robustness.grid import StudyConfig
+
+    text = (DOCS / "job-files.md").read_text()
+    rows = {line.split(" | ")[0].removeprefix("| "): line for line in text.splitlines() if line.startswith("| `")}
+    keys = leaf_keys(JobConfig) + leaf_keys(StudyConfig)
+    assert len(set(keys)) > 100 and "storage.timeout_s" in keys and "scenes.coco.min_area" in keys
+    missing = [key for key in keys if f"`{key}`" not in rows]
+    assert not missing, missing
+    assert "per request" in rows["`storage.timeout_s`"]  # a comment beside the field
+    assert ">= 0" in rows["`selection.min_quality`"] and "<= 1" in rows["`selection.min_quality`"]
+    assert "`full`, `lora`" in rows["`extract.phase2_mode`"]
+    undocumented = [key for key, row in rows.items() if row.rstrip().endswith("|  |")]
+    assert not undocumented, f"keys without a description: {undocumented}"
+
+
+def test_submit_help_says_the_exit_status_it_returns():
+    """`submit --help` names each code `exit_status` passes through as what `breakscene run`
+    exited with, and says nothing of a 4 turned into a 3."""
+    from batchjob.submit import exit_status
+
+    epilog = build_parser().commands["submit"].epilog
+    for code in (2, 3, 4):
+        assert exit_status("FAILED", f"Job entrypoint command failed with exit code {code}") == code
+    items = dict(re.findall(r"(?:^exit status: |; )(\d+) ([^;]+)", epilog))
+    assert set(items) == {"0", "1", "2", "3", "4"}, items
+    assert "exited 3" in items["3"] and "exited 4" in items["4"] and "or 4" not in items["3"]

@@ -4,8 +4,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline import doneset
-from pipeline.doneset import DoneSet, resolve
+from pipeline import shards as doneset
+from pipeline.shards import DoneSet, resolve
 
 
 def test_membership_matches_is_in_on_awkward_ids():

@@ -9,7 +9,7 @@ import pytest
 from breakscene.files.storage import join
 from conftest import quick_config, write_scene
 from pipeline.records import bundle_uri, read_records, read_table, record_uri, write_tables
-from pipeline.stage_settings import ExtractSettings, SegmentSettings, SelectSettings
+from pipeline.config import ExtractSettings, SegmentSettings, SelectSettings
 from pipeline.config import JobConfig
 from batchjob.keys import id_problem, storage_key
 from pipeline.row import new_row, to_batch

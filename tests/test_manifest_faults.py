@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from breakscene.errors import BreakSceneError
-from pipeline.doneset import DoneSet
+from pipeline.shards import DoneSet
 from batchjob.keys import id_text, id_texts
 from batchjob.manifest import ManifestSpec, plan, read_manifest
 from pipeline.shards import ManifestTally, read_shard

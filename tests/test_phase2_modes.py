@@ -1,4 +1,4 @@
-"""Phase 2's modes said once (``breakscene.method.phase2_modes``): what trains, what is
+"""Phase 2's modes said once (``breakscene.method.phases``): what trains, what is
 kept, what is undone; and a TrainedScene used after a reset raises."""
 import ast
 
@@ -8,7 +8,7 @@ from conftest import ROOT, quick_config
 
 from breakscene import load_scene_dir
 from breakscene.errors import StaleSceneError
-from breakscene.method.phase2_modes import PHASE2_MODES, phase2_mode
+from breakscene.method.phases import PHASE2_MODES, phase2_mode
 from breakscene.models.presets import build_preset
 
 

@@ -3,7 +3,7 @@ cluster deadlocked). Hand-built plans and cluster dicts."""
 import pytest
 
 from breakscene.errors import BreakSceneError
-from batchjob.resources import fit_plan, minimum, stage_plan
+from batchjob.cluster import fit_plan, minimum, stage_plan
 
 
 def _plan(seg_gpus=0.0, ext_gpus=0.0, seg_actors=1, ext_actors=1):

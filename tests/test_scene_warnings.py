@@ -120,7 +120,7 @@ def test_masks_that_fight_over_one_region_are_named_in_the_scene(tmp_path):
 def test_the_pipeline_row_names_fighting_user_masks(tmp_path):
     from pipeline.config import JobConfig
     from pipeline.row import new_row, to_batch
-    from pipeline.stage_settings import SegmentSettings, SelectSettings
+    from pipeline.config import SegmentSettings, SelectSettings
     from pipeline.stages import Segment, load_images, score_and_select
 
     scene = write_scene(tmp_path / "s", size=(64, 64), boxes=((4, 4, 40, 40), (10, 10, 30, 30)))

@@ -9,7 +9,7 @@ from pydantic import ValidationError
 
 from pipeline.config import JobConfig, SelectionConfig
 from pipeline.row import new_row, to_batch
-from pipeline.stage_settings import ExtractSettings, SegmentSettings, SelectSettings
+from pipeline.config import ExtractSettings, SegmentSettings, SelectSettings
 from pipeline.stages import Segment, load_images, score_and_select
 
 

@@ -8,7 +8,7 @@ from PIL import Image
 
 from breakscene.scenes.masks import decode_rle
 from pipeline.records import CONCEPTS_SCHEMA, IMAGES_SCHEMA, TABLES, record_uri, table_rows
-from pipeline.stage_settings import ExtractSettings, SegmentSettings, SelectSettings
+from pipeline.config import ExtractSettings, SegmentSettings, SelectSettings
 from pipeline.tables import staged
 from pipeline.config import JobConfig
 from commands.jobs import load_job

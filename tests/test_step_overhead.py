@@ -142,7 +142,7 @@ def test_pipeline_extract_stage_fails_the_row_of_a_non_finite_loss(tmp_path, mon
 
     from pipeline.config import JobConfig
 
-    from pipeline.stage_settings import ExtractSettings, SegmentSettings, SelectSettings
+    from pipeline.config import ExtractSettings, SegmentSettings, SelectSettings
     from pipeline.row import new_row, to_batch
     from pipeline.stages import Extract, Segment, load_images, score_and_select
 

@@ -21,7 +21,7 @@ from commands.main import main
 from pipeline.config import JobConfig
 from batchjob.lease import Lease, read_lease
 from batchjob.preflight import OUTPUT_MARKER, output_state
-from pipeline.checks import check_job, table_store_error
+from pipeline.tables import check_job, table_store_error
 
 KEYS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
 

@@ -220,3 +220,76 @@ def test_a_study_without_scenes_is_one_error_before_any_work(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and "the study has no scenes: set scenes.generated" in err[0]
     assert not (tmp_path / "out").exists()
+
+
+def _measurements(tmp_path) -> str:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [{"cell_id": f"c{i}", "scene_id": "s", "concept_index": 0, "family": family, "severity": sev, "seed": 0,
+             "status": "ok", "reason": "", "mask_iou": iou, "attention_iou": iou * 0.5, "grid_uri": ""}
+            for i, (family, sev, iou) in enumerate([("clean", 0, 1.0), ("dilate", 0.5, 0.8), ("dilate", 1.0, 0.5)])]
+    path = tmp_path / "m.parquet"
+    pq.write_table(pa.Table.from_pandas(pd.DataFrame(rows)), path)
+    return str(path)
+
+
+@pytest.fixture
+def s3_bucket(monkeypatch):
+    """A real S3 API (moto) on 127.0.0.1 with a bucket, and fsspec pointed at it."""
+    import boto3
+    import fsspec
+    from moto.server import ThreadedMotoServer
+    from pipeline_helpers import free_port
+
+    for key, value in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
+                       "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(key, value)
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket="reports")
+    monkeypatch.setitem(fsspec.config.conf, "s3", {"client_kwargs": {"endpoint_url": endpoint}})
+    yield fsspec.filesystem("s3", client_kwargs={"endpoint_url": endpoint}, skip_instance_cache=True)
+    server.stop()
+
+
+def test_report_to_an_s3_uri_lands_whole_and_replaces_only_its_own(tmp_path, s3_bucket):
+    from commands.main import main
+
+    assert main(["report", _measurements(tmp_path), "--out", "s3://reports/study/r1"]) == 0
+    files = sorted(p.split("reports/study/r1/")[1] for p in s3_bucket.find("reports/study/r1"))
+    assert files == ["figures/attention_iou.png", "index.html", "report.json", "summary.md"]
+    assert json.loads(s3_bucket.cat_file("reports/study/r1/report.json"))["ok_rows"] == 3
+    assert main(["report", _measurements(tmp_path), "--out", "s3://reports/study/r1"]) == 0  # its own: replaced
+    s3_bucket.pipe_file("reports/theirs/index.html", b"someone's page")
+    assert main(["report", _measurements(tmp_path), "--out", "s3://reports/theirs"]) == 2
+    assert s3_bucket.cat_file("reports/theirs/index.html") == b"someone's page"
+
+
+def test_a_report_that_fails_half_way_leaves_nothing(tmp_path, monkeypatch):
+    from robustness import report
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a figure could not be drawn")
+
+    monkeypatch.setattr(report, "quality_figure", broken)
+    measurements = pd.read_parquet(_measurements(tmp_path)).assign(predicted_quality=0.5)
+    measurements.to_parquet(tmp_path / "q.parquet")
+    with pytest.raises(RuntimeError, match="could not be drawn"):
+        build_report(str(tmp_path / "q.parquet"), tmp_path / "out")
+    assert not (tmp_path / "out").exists()  # before: index-less figures/ in a folder no later report could replace
+
+
+def test_cell_ids_of_finished_studies_survive_new_settings():
+    """A cell's id is its done-marker's name: a setting added to the configs later (at its
+    default) must not rename every finished cell, or an upgraded rerun would redo the study."""
+    from robustness.grid import StudyConfig, cell_id
+
+    cfg = StudyConfig(kind="study", output="o", scenes={"generated": 2})
+    # computed by the code of 2026-11-29 (before the settings added since)
+    assert cell_id(cfg, "scene-a", "dilate", 0.5, 0, {}) == "e75be582d7f31379"
+    assert cell_id(cfg, "scene-a", "clean", 0.0, 0, {"lambda_attn": 0.02}) == "1a095db547075fc9"
+    changed = cfg.model_copy(update={"extract": cfg.extract.model_copy(update={"lambda_attn": 0.02})})
+    assert cell_id(changed, "scene-a", "dilate", 0.5, 0, {}) != "e75be582d7f31379"  # a real change still counts

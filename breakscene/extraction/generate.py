@@ -34,6 +34,27 @@ def make_pipeline(unet, vae, text_encoder, tokenizer, scheduler_config, sampler:
     return pipe
 
 
+def make_sdxl_pipeline(unet, vae, text_encoders: tuple, tokenizers: tuple, scheduler_config, sampler: str = "ddim"):
+    """A StableDiffusionXLPipeline over in-memory models (no invisible watermark: a bundle
+    then generates the same pixels wherever it is loaded)."""
+    from diffusers import StableDiffusionXLPipeline
+
+    (te, te2), (tok, tok2) = text_encoders, tokenizers
+    pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=te, text_encoder_2=te2, tokenizer=tok, tokenizer_2=tok2,
+                                     unet=unet, scheduler=make_scheduler(sampler, scheduler_config),
+                                     add_watermarker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def models_pipeline(models, sampler: str = "ddim"):
+    """The generation pipeline of a ``loading.DiffusionModels`` or ``loading.SDXLModels``."""
+    m = models
+    if m.family == "sdxl":
+        return make_sdxl_pipeline(m.unet, m.vae, m.text_encoders, m.tokenizers, m.scheduler.config, sampler)
+    return make_pipeline(m.unet, m.vae, m.text_encoder, m.tokenizer, m.scheduler.config, sampler)
+
+
 @contextlib.contextmanager
 def fused_attention(unet):
     """Plain SDPA in every layer while generating (no maps are needed), then back."""

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from breakscene.errors import StaleSceneError
+from breakscene.extraction.groups import GroupTensors
 from breakscene.method.attention import token_maps
 from breakscene.config import ExtractConfig
 from breakscene.models.resident import ResidentModels
@@ -30,10 +31,26 @@ class PreparedExtraction:
     class_tensors: ClassTensors | None  # with prior preservation
     init_words: list[str | None]  # the initializer word each token started from (None: a vocabulary row)
     timings: dict[str, float]
+    group: PreparedGroup | None = None  # a concept group: every image; ``scene`` etc. are its first
 
     @property
     def num_concepts(self) -> int:
-        return self.scene.num_concepts
+        """Tokens learned: one per mask of a scene, one per label of a group."""
+        return len(self.init_words)
+
+
+@dataclass
+class PreparedGroup:
+    """Every image of a concept group as trained on, and which token each mask teaches."""
+
+    scenes: list[Scene]
+    inputs: list[PreparedScene]
+    labels: list[str]  # per token
+    tensors: GroupTensors
+
+    def sources(self, token: int) -> list[tuple[int, int]]:
+        """(image, mask) pairs ``token`` is learned from."""
+        return [(j, i) for j, tokens in enumerate(self.tensors.token_of) for i, t in enumerate(tokens) if t == token]
 
 
 @dataclass
@@ -89,23 +106,27 @@ class TrainedScene:
         return self.resident.pipeline(sampler)
 
     @torch.no_grad()
-    def attention_maps(self) -> torch.Tensor:
-        """(n, h, w): each token's map for the all-concepts prompt, averaged over the fixed
-        diagnostic timesteps and noise seed, on the unflipped image's mean latent."""
-        cfg, data, n, dev = self.config, self.tensors, self.num_concepts, self.device
+    def attention_maps(self, tensors: SceneTensors | None = None, tokens: tuple[int, ...] | None = None) -> torch.Tensor:
+        """(n, h, w): each token's map for the prompt naming ``tokens`` (default: all of them),
+        averaged over the fixed diagnostic timesteps and noise seed, on the unflipped mean
+        latent of ``tensors`` (default: the scene's; a group's other images pass theirs)."""
+        cfg, dev = self.config, self.device
+        data = tensors or self.tensors
+        tokens = tuple(range(self.num_concepts)) if tokens is None else tokens
+        n = len(tokens)
         m, store = self.models, self.resident.store
-        ids, positions = self.assets.encode_subset(tuple(range(n)))
+        ids, positions = self.assets.encode_subset(tokens)
         latents = data.latent_mean[0]
         gen = torch.Generator(device=dev).manual_seed(cfg.diagnostic_seed)
         noise = torch.randn(latents.shape, generator=gen, device=dev)
-        states = m.text_encoder(ids)[0]
+        states, added = self.resident.backbone.encode_ids(ids, tuple(latents.shape[-2:]))
         total = torch.zeros(n, *data.attn_size, device=dev)
         store.enabled = True
         for t in cfg.diagnostic_timesteps:
             ts = torch.tensor([t], device=dev)
             store.clear()
             with autocast_context(dev, cfg.mixed_precision):
-                m.unet(m.scheduler.add_noise(latents, noise, ts), ts, states)
+                m.unet(m.scheduler.add_noise(latents, noise, ts), ts, states, added_cond_kwargs=added)
             total += token_maps(store.mean_map(), 0, positions, data.attn_size).float()
         return total / len(cfg.diagnostic_timesteps)
 
@@ -122,6 +143,7 @@ class ExtractionResult:
     attention_maps: np.ndarray | None = field(default=None, repr=False)
     evaluation: dict | None = None  # what the ``evaluate`` hook returned
     runtime: dict = field(default_factory=dict)  # how it ran: checkpointing per phase, peak memory
+    group: list[dict] | None = None  # a concept group's images: each one's tokens and diagnostics
 
     @property
     def final_loss(self) -> float | None:

@@ -5,9 +5,12 @@ Layout (a local folder or any fsspec URI), shaped for diffusers' own loaders::
 
     bundle.json                      tokens, model, config, sampler, losses, timings, diagnostics (written last)
     README.md                        model card: tokens, base, settings, a plain-diffusers snippet
-    embeddings/asset{i}.safetensors  {"<asset{i}>": vector}: diffusers' textual-inversion format
+    embeddings/asset{i}.safetensors  {"<asset{i}>": vector}: diffusers' textual-inversion format; SDXL:
+                                     {"clip_l": (1, 768), "clip_g": (1, 1280)}, the rows of text_encoder
+                                     and text_encoder_2, as SDXL embeddings are exchanged
     pytorch_lora_weights.safetensors phase-2 `lora` adapters: ``pipe.load_lora_weights(bundle)``, or
-    unet/, text_encoder/             phase-2 `full` weights (diffusers / transformers folders)
+    unet/, text_encoder/             phase-2 `full` weights (diffusers / transformers folders; SDXL: and
+                                     text_encoder_2/)
     scheduler/                       the grid's sampler (``<Scheduler>.from_pretrained(bundle, subfolder=...)``)
     image.png, masks/mask{i}.png     the image and masks exactly as trained on (after orientation, crop, resize)
     diagnostics/attention_maps.safetensors   the diagnostic's per-token maps
@@ -24,7 +27,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING, Annotated, TypeVar
+from typing import TYPE_CHECKING, Annotated, Literal, TypeVar
 
 import torch
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
@@ -97,6 +100,9 @@ def write_bundle(out: str, trained: TrainedScene, result: ExtractionResult) -> N
         _write_weights(tmp, trained, result.tokens, files)
         failpoint("bundle-half-written")
         _write_inputs(tmp, trained.prepared.inputs, files)
+        if trained.prepared.group:  # every image of a concept group, as trained on
+            files["sources"] = [_write_inputs(tmp, x, {"masks": []}, f"sources/{j}/")
+                                for j, x in enumerate(trained.prepared.group.inputs)]
         # Diagnostics in their own folder: diffusers' LoRA loader reads the root's .safetensors.
         (tmp / "diagnostics").mkdir()
         files["attention_maps"] = "diagnostics/attention_maps.safetensors"
@@ -114,35 +120,49 @@ def write_bundle(out: str, trained: TrainedScene, result: ExtractionResult) -> N
 def _write_weights(tmp: Path, trained: TrainedScene, tokens: list[str], files: dict) -> None:
     """One diffusers textual-inversion file per token; the phase-2 weights (LoRA at the root,
     where ``pipe.load_lora_weights(bundle)`` looks, or whole unet/ and text_encoder/)."""
-    from breakscene.method.phase2_modes import phase2_mode  # peft and diffusers: only when writing
+    from breakscene.method.phases import phase2_mode  # peft and diffusers: only when writing
 
     (tmp / "embeddings").mkdir()
     assets, m, cfg = trained.assets, trained.models, trained.config
-    weight = assets.embedding.weight.detach()
     for i, token in enumerate(tokens):
         rel = f"embeddings/asset{i}.safetensors"
-        save_file({token: weight[assets.ids[i]].float().cpu().contiguous()}, tmp / rel)
+        save_file(embedding_state(assets, i, token), tmp / rel)
         files["embeddings"].append(rel)
-    files.update(phase2_mode(cfg).save(tmp, m.unet, m.text_encoder, cfg, lambda te, folder: save_text_encoder(
-        te, assets.base_embedding_rows, folder)))
+    base_rows = {id(e): rows for e, rows in zip(assets.text_encoders, assets.base_rows_per_encoder)}
+    files.update(phase2_mode(cfg).save(tmp, m.unet, m.text_encoders, cfg, lambda te, folder: save_text_encoder(
+        te, base_rows[id(te)], folder)))
 
 
-def _write_inputs(tmp: Path, inputs, files: dict) -> None:
+SDXL_EMBEDDING_KEYS = ("clip_l", "clip_g")  # text_encoder's row, text_encoder_2's row
+
+
+def embedding_state(assets, i: int, token: str) -> dict[str, torch.Tensor]:
+    """Token ``i``'s textual-inversion file: {token: row} with one text encoder, else the
+    rows of both SDXL encoders under ``clip_l`` and ``clip_g`` (each (1, width))."""
+    rows = [e.weight.detach()[ids[i]].float().cpu().contiguous()
+            for e, ids in zip(assets.embeddings, assets.ids_per_encoder)]
+    if len(rows) == 1:
+        return {token: rows[0]}
+    return {key: row[None].contiguous() for key, row in zip(SDXL_EMBEDDING_KEYS, rows)}
+
+
+def _write_inputs(tmp: Path, inputs, files: dict, prefix: str = "") -> dict:
     """The image and masks exactly as trained on (after orientation, crop and resize): the
-    pixels are uint8 / 127.5 - 1, so the PNG holds them without loss."""
+    pixels are uint8 / 127.5 - 1, so the PNG holds them without loss. Returns ``files``."""
     import numpy as np
     from PIL import Image
 
     from breakscene.scenes.scene import rgb_values
 
     image = rgb_values(inputs.pixels).to(torch.uint8)
-    Image.fromarray(image.permute(1, 2, 0).numpy()).save(tmp / "image.png")
-    files["image"] = "image.png"
-    (tmp / "masks").mkdir()
+    (tmp / prefix / "masks").mkdir(parents=True)
+    Image.fromarray(image.permute(1, 2, 0).numpy()).save(tmp / f"{prefix}image.png")
+    files["image"] = f"{prefix}image.png"
     for i, mask in enumerate(inputs.masks):
-        rel = f"masks/mask{i}.png"
+        rel = f"{prefix}masks/mask{i}.png"
         Image.fromarray((mask.numpy() * 255).astype(np.uint8)).save(tmp / rel)
         files["masks"].append(rel)
+    return files
 
 
 def _write_samples(tmp: Path, trained: TrainedScene, result: ExtractionResult, files: dict) -> dict:
@@ -172,15 +192,36 @@ def _bundle_manifest(trained: TrainedScene, result: ExtractionResult, files: dic
     m, scene, cfg = trained.models, trained.prepared.scene, trained.config
     return manifest(
         tokens=result.tokens, phase2_mode=cfg.phase2_mode, resolution=trained.prepared.resolution,
-        model={"id": m.model_id, "revision": m.revision, "preset": m.is_preset,
-               **base_reference(m.model_id, m.revision, m.is_preset)},
+        model={"id": m.model_id, "revision": m.revision, "preset": m.is_preset, "family": m.family,
+               **base_reference(m.model_id, m.revision, m.is_preset, m.family)},
         sampler=sampler, config=cfg.model_dump(mode="json"), losses=result.losses, timings=result.timings,
         runtime=result.runtime,
         image={"name": scene.image_name, "sha256": scene.image_hash, "width": scene.image.width,
                "height": scene.image.height},
-        concepts=[{**c, "mask": files["masks"][c["index"]]} for c in result.concepts],
-        files=files, warnings=scene.warnings,
+        concepts=[{**c, "mask": _concept_mask(c, files)} for c in result.concepts],
+        files=files, warnings=scene.warnings, **_group_manifest(trained, result, files),
     )
+
+
+def _concept_mask(concept: dict, files: dict) -> str:
+    """The mask file a concept was learned from (a group's: the first of its sources)."""
+    if "sources" in concept:
+        image, mask = concept["sources"][0]
+        return files["sources"][image]["masks"][mask]
+    return files["masks"][concept["index"]]
+
+
+def _group_manifest(trained: TrainedScene, result: ExtractionResult, files: dict) -> dict:
+    """A concept group's record: every source image with its masks, labels and diagnostic."""
+    group = trained.prepared.group
+    if group is None:
+        return {}
+    images = [{"name": s.image_name, "sha256": s.image_hash, "width": s.image.width, "height": s.image.height,
+               "image": files["sources"][j]["image"], "masks": files["sources"][j]["masks"],
+               "labels": [group.labels[t] for t in group.tensors.token_of[j]],
+               "diagnostic": result.group[j]["concepts"], "warnings": s.warnings}
+              for j, s in enumerate(group.scenes)]
+    return {"group": {"draw": group.tensors.draw, "labels": group.labels, "images": images}}
 
 
 def _write_card(tmp: Path, info: dict, out: str) -> None:
@@ -191,14 +232,15 @@ def _write_card(tmp: Path, info: dict, out: str) -> None:
                                                     base_comment=base_comment))
 
 
-def base_reference(model_id: str, revision: str | None, preset: bool) -> dict:
+def base_reference(model_id: str, revision: str | None, preset: bool, family: str = "sd") -> dict:
     """What diffusers can load as this bundle's base, or how to make it (for bundle.json)."""
     from breakscene.files.storage import is_remote
 
     if preset:
+        pipeline = PIPELINES[family]
         return {"diffusers_base": None, "hub": False,
                 "make_base": f"a random-weight preset: `breakscene export-base {model_id} DIR` writes it as a "
-                             "diffusers folder for StableDiffusionPipeline.from_pretrained(DIR)"}
+                             f"diffusers folder for {pipeline}.from_pretrained(DIR)"}
     if is_remote(model_id):
         return {"diffusers_base": None, "hub": False,
                 "make_base": f"copy the diffusers folder {model_id} to a local folder and load that"}
@@ -230,7 +272,8 @@ def card_paths(info: dict, uri: str) -> tuple[str, str, str]:
 
 # the names diffusers and transformers save weights under, and read them from
 WEIGHT_FILES = {"unet": "diffusion_pytorch_model.safetensors", "text_encoder": "model.safetensors",
-                "lora": "pytorch_lora_weights.safetensors"}
+                "text_encoder_2": "model.safetensors", "lora": "pytorch_lora_weights.safetensors"}
+PIPELINES = {"sd": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline"}  # by bundle.json's model.family
 T = TypeVar("T")
 
 
@@ -244,6 +287,13 @@ def inside_bundle(rel: str) -> str:
 BundlePath = Annotated[str, AfterValidator(inside_bundle)]
 
 
+class BundleSource(BaseModel):
+    """One image of a concept group and its masks, as trained on."""
+
+    image: BundlePath
+    masks: list[BundlePath] = Field(default_factory=list)
+
+
 class BundleFiles(BaseModel):
     model_config = ConfigDict(extra="allow")
 
@@ -251,12 +301,14 @@ class BundleFiles(BaseModel):
     lora: BundlePath | None = None
     unet: BundlePath | None = None
     text_encoder: BundlePath | None = None
+    text_encoder_2: BundlePath | None = None  # SDXL's second text encoder (phase 2 mode full)
     scheduler: BundlePath | None = None
     masks: list[BundlePath] = Field(default_factory=list)
     image: BundlePath | None = None
     attention_maps: BundlePath | None = None
     grid: BundlePath | None = None
     card: BundlePath | None = None
+    sources: list[BundleSource] = Field(default_factory=list)  # a concept group's images
 
 
 class BundleBase(BaseModel):
@@ -264,6 +316,7 @@ class BundleBase(BaseModel):
 
     id: str
     revision: str | None = None
+    family: Literal["sd", "sdxl"] = "sd"  # bundles before SDXL did not say: Stable Diffusion 1.x/2.x
 
 
 class BundleSampler(BaseModel):
@@ -346,7 +399,7 @@ def checked_files(uri: str, local: Path, files: dict) -> dict:
     file), unet / text_encoder / scheduler (folders)."""
     out: dict = {"embeddings": [check_safetensors(uri, bundle_path(uri, local, "embeddings", rel), rel)
                                 for rel in files["embeddings"]]}
-    for field in ("unet", "text_encoder", "lora"):
+    for field in ("unet", "text_encoder", "text_encoder_2", "lora"):
         if files.get(field):
             path = weight_file(uri, local, field, files[field])
             out[field] = path.parent if field != "lora" else path
@@ -357,18 +410,22 @@ def checked_files(uri: str, local: Path, files: dict) -> dict:
     return out
 
 
-def read_embeddings(uri: str, info: dict, paths: list[Path], width: int) -> list[torch.Tensor]:
-    """One vector (or rows of vectors) per token, each ``width`` wide as the text encoder's rows."""
+def read_embeddings(uri: str, info: dict, paths: list[Path], widths: list[int]) -> list[list[torch.Tensor]]:
+    """Per token, one vector (or rows of vectors) per text encoder, each as wide as that
+    encoder's rows: a file's one tensor, or SDXL's ``clip_l`` and ``clip_g``."""
     from safetensors.torch import load_file
 
     vectors = []
     for rel, path in zip(info["files"]["embeddings"], paths):
-        tensors = list(load_file(path).values())
-        if len(tensors) != 1 or tensors[0].ndim not in (1, 2) or tensors[0].shape[-1] != width:
-            shapes = [tuple(t.shape) for t in tensors]
-            raise BundleError(f"{uri}: {rel} holds {shapes}: one vector of {width} values (the text encoder's "
-                              "width) was expected")
-        vectors.append(tensors[0])
+        state = load_file(path)
+        tensors = [state.get(k) for k in SDXL_EMBEDDING_KEYS] if len(widths) == 2 else list(state.values())
+        if len(tensors) != len(widths) or any(t is None or t.ndim not in (1, 2) or t.shape[-1] != w
+                                               for t, w in zip(tensors, widths)):
+            shapes = {k: tuple(t.shape) for k, t in state.items()}
+            want = (f"one vector of {widths[0]} values (the text encoder's width)" if len(widths) == 1 else
+                    f"clip_l ({widths[0]} values) and clip_g ({widths[1]} values), the two encoders' rows")
+            raise BundleError(f"{uri}: {rel} holds {shapes}: {want} was expected")
+        vectors.append(tensors)
     return vectors
 
 
@@ -393,33 +450,45 @@ def load_bundle_pipeline(uri: str, device: str | None = None, sampler: str | Non
     """(pipeline with the bundle's tokens, weights and sampler, manifest), via diffusers' own
     loaders. ``sampler`` (a schedulers.SCHEDULERS name) replaces the bundle's recorded one.
     The bundle is checked whole before the base model is loaded."""
-    from diffusers import UNet2DConditionModel
-    from transformers import CLIPTextModel
-
-    from breakscene.extraction.generate import make_pipeline
-    from breakscene.models.loading import load_models, pick_device
+    from breakscene.extraction.generate import models_pipeline
+    from breakscene.models.loading import load_models, load_sdxl_models, pick_device
 
     info = read_manifest(uri)
-    files = info["files"]
+    files, sdxl = info["files"], info["model"].get("family") == "sdxl"
     with tempfile.TemporaryDirectory(prefix="bundle-") as tmp:
         local = fetch_dir(uri, Path(tmp))
         paths = checked_files(uri, local, files)
-        models = load_models(info["model"]["id"], info["model"]["revision"])
+        models = (load_sdxl_models if sdxl else load_models)(info["model"]["id"], info["model"]["revision"])
         if "unet" in paths:  # safetensors only: never a pickle beside a missing file
-            models.unet = guarded(uri, files["unet"], lambda: UNet2DConditionModel.from_pretrained(
-                paths["unet"], use_safetensors=True))
-            models.text_encoder = guarded(uri, files["text_encoder"], lambda: CLIPTextModel.from_pretrained(
-                paths["text_encoder"], use_safetensors=True))
-        vectors = read_embeddings(uri, info, paths["embeddings"],
-                                  models.text_encoder.get_input_embeddings().embedding_dim)
-        pipe = make_pipeline(models.unet, models.vae, models.text_encoder, models.tokenizer, models.scheduler.config)
+            load_full_weights(uri, files, paths, models)
+        widths = [e.get_input_embeddings().embedding_dim for e in models.text_encoders]
+        vectors = read_embeddings(uri, info, paths["embeddings"], widths)
+        pipe = models_pipeline(models)
         pipe.scheduler = bundle_scheduler(uri, info, paths, pipe.scheduler, sampler)
         pipe.to(pick_device(device))
         if "lora" in paths:
             guarded(uri, files["lora"], lambda: pipe.load_lora_weights(str(paths["lora"]), use_safetensors=True))
-        guarded(uri, ", ".join(files["embeddings"]),
-                lambda: pipe.load_textual_inversion(vectors, token=info["tokens"]))
+        encoders = [(pipe.text_encoder, pipe.tokenizer)] + ([(pipe.text_encoder_2, pipe.tokenizer_2)] if sdxl else [])
+        for k, (encoder, tokenizer) in enumerate(encoders):
+            guarded(uri, ", ".join(files["embeddings"]), lambda k=k, e=encoder, t=tokenizer: pipe.load_textual_inversion(
+                [v[k] for v in vectors], token=info["tokens"], text_encoder=e, tokenizer=t))
     return pipe, info
+
+
+def load_full_weights(uri: str, files: dict, paths: dict, models) -> None:
+    """Phase 2 ``full``: the bundle's UNet and text encoder(s) in place of the base's."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    models.unet = guarded(uri, files["unet"], lambda: UNet2DConditionModel.from_pretrained(
+        paths["unet"], use_safetensors=True))
+    models.text_encoder = guarded(uri, files["text_encoder"], lambda: CLIPTextModel.from_pretrained(
+        paths["text_encoder"], use_safetensors=True))
+    if getattr(models, "text_encoder_2", None) is not None:
+        if "text_encoder_2" not in paths:
+            raise BundleError(f"{uri}: an SDXL bundle of phase 2 mode full lists no files.text_encoder_2")
+        models.text_encoder_2 = guarded(uri, files["text_encoder_2"], lambda: CLIPTextModelWithProjection.from_pretrained(
+            paths["text_encoder_2"], use_safetensors=True))
 
 
 def load_embeddings(uri: str) -> dict[str, torch.Tensor]:

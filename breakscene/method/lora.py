@@ -8,6 +8,7 @@ from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 
 from breakscene.config import LoraConfigFields
+from breakscene.method.tokens import as_tuple
 
 ADAPTER = "breakscene"
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -19,14 +20,16 @@ def _config(cfg: LoraConfigFields, targets: list[str]) -> LoraConfig:
 
 
 def add_lora(unet, text_encoder, cfg: LoraConfigFields, seed: int = 0) -> list[torch.nn.Parameter]:
-    """Inject fresh adapters (seeded init) and return their parameters, all trainable."""
+    """Inject fresh adapters (seeded init) and return their parameters, all trainable.
+    ``text_encoder``: None, one, or a tuple of them (each gets adapters, in order)."""
+    encoders = () if text_encoder is None else as_tuple(text_encoder)
     devices = [unet.device] if unet.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         unet.add_adapter(_config(cfg, UNET_TARGETS), adapter_name=ADAPTER)
-        if text_encoder is not None:
-            text_encoder.add_adapter(_config(cfg, TEXT_TARGETS), adapter_name=ADAPTER)
-    params = [p for model in (unet, text_encoder) if model is not None
+        for encoder in encoders:
+            encoder.add_adapter(_config(cfg, TEXT_TARGETS), adapter_name=ADAPTER)
+    params = [p for model in (unet, *encoders)
               for name, p in model.named_parameters() if "lora_" in name]
     for p in params:
         p.requires_grad_(True)
@@ -44,12 +47,17 @@ def remove_lora(*models) -> None:
         model._hf_peft_config_loaded = False
 
 
-def lora_state_dicts(unet, text_encoder):
-    """(unet layers, text-encoder layers, save kwargs) in the layout diffusers' LoRA loader reads."""
-    unet_sd = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet, adapter_name=ADAPTER))
+ENCODER_PREFIXES = ("text_encoder", "text_encoder_2")  # save_lora_weights' argument names
+
+
+def lora_state_dicts(unet, text_encoders: tuple = ()) -> tuple[dict, dict]:
+    """(layers, metadata): the keyword arguments of a pipeline's ``save_lora_weights``
+    (``unet_lora_layers``, ``text_encoder_lora_layers``, SDXL's ``text_encoder_2_lora_layers``
+    and their ``..._lora_adapter_metadata``), in the layout diffusers' LoRA loader reads."""
+    layers = {"unet_lora_layers": convert_state_dict_to_diffusers(get_peft_model_state_dict(unet, adapter_name=ADAPTER))}
     meta = {"unet_lora_adapter_metadata": unet.peft_config[ADAPTER].to_dict()}
-    te_sd = None
-    if text_encoder is not None:
-        te_sd = convert_state_dict_to_diffusers(get_peft_model_state_dict(text_encoder, adapter_name=ADAPTER))
-        meta["text_encoder_lora_adapter_metadata"] = text_encoder.peft_config[ADAPTER].to_dict()
-    return unet_sd, te_sd, meta
+    for prefix, encoder in zip(ENCODER_PREFIXES, text_encoders):
+        layers[f"{prefix}_lora_layers"] = convert_state_dict_to_diffusers(
+            get_peft_model_state_dict(encoder, adapter_name=ADAPTER))
+        meta[f"{prefix}_lora_adapter_metadata"] = encoder.peft_config[ADAPTER].to_dict()
+    return layers, meta

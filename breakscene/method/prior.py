@@ -11,8 +11,8 @@ from tqdm.auto import tqdm
 
 from breakscene.config import PriorConfig
 from breakscene.errors import BreakSceneError
-from breakscene.extraction.generate import fused_attention, generate_images, make_pipeline
-from breakscene.models.loading import DiffusionModels, cache_root
+from breakscene.extraction.generate import fused_attention, generate_images, models_pipeline
+from breakscene.models.loading import DiffusionModels, SDXLModels, cache_root
 from breakscene.files.storage import atomic_local_dir
 from breakscene.files.strictjson import to_json
 
@@ -41,7 +41,7 @@ def load_folder(folder: str | Path, num: int, resolution: int) -> list[Image.Ima
     return images
 
 
-def class_images(models: DiffusionModels, cfg: PriorConfig, resolution: int, progress: bool = True) -> list[Image.Image]:
+def class_images(models: DiffusionModels | SDXLModels, cfg: PriorConfig, resolution: int, progress: bool = True) -> list[Image.Image]:
     """The class images for prior preservation; generates and caches them on first use."""
     if cfg.class_data_dir:
         return load_folder(cfg.class_data_dir, cfg.num_class_images, resolution)
@@ -49,8 +49,7 @@ def class_images(models: DiffusionModels, cfg: PriorConfig, resolution: int, pro
                     cfg.generation_steps)
     folder = cache_root() / "class_images" / key
     if not (folder / "images.json").is_file():  # the marker is written last
-        pipe = make_pipeline(models.unet, models.vae, models.text_encoder, models.tokenizer,
-                             models.scheduler.config)
+        pipe = models_pipeline(models)  # the same backbone as training
         with atomic_local_dir(folder) as tmp, fused_attention(models.unet):
             for i in tqdm(range(cfg.num_class_images), desc="class images", disable=not progress, leave=False):
                 (img,) = generate_images(pipe, cfg.class_prompt, [GENERATION_SEED + i], cfg.generation_steps,

@@ -58,6 +58,8 @@ class LossTerms:
 LOSS_NAMES = ("total", "diffusion", "attention", "prior")
 READBACK_EVERY = 50  # steps between host reads of the losses: the finite check and the progress bar
 OPTIMIZERS = ("auto", "fused", "foreach", "for-loop", "torch")
+# RuntimeConfig.optimizer -> make_optimizer's kind
+RUNTIME_OPTIMIZERS = {"adamw": "auto", "adamw-fused": "fused"}
 
 
 def diffusion_target(scheduler, latents, noise, timesteps) -> torch.Tensor:
@@ -70,8 +72,11 @@ def diffusion_target(scheduler, latents, noise, timesteps) -> torch.Tensor:
 
 
 def training_step(unet, text_encoder, scheduler, store: AttentionStore, batch: Batch,
-                  cfg: ExtractConfig) -> LossTerms:
-    """Forward pass and the three loss terms for one batch (no backward, no optimiser)."""
+                  cfg: ExtractConfig, *, backbone=None) -> LossTerms:
+    """Forward pass and the three loss terms for one batch (no backward, no optimiser).
+
+    ``backbone`` (``models.backbones``): encodes the ids and gives the UNet's added
+    conditioning (SDXL); without it, ``text_encoder``'s last hidden state (SD 1.x/2.x)."""
     num_instance = batch.latents.shape[0]
     with_prior = batch.class_latents is not None
     latents, noise, timesteps, ids = batch.latents, batch.noise, batch.timesteps, batch.input_ids
@@ -81,10 +86,13 @@ def training_step(unet, text_encoder, scheduler, store: AttentionStore, batch: B
         timesteps = torch.cat([timesteps, batch.class_timesteps])
         ids = torch.cat([ids, batch.class_input_ids])
     noisy = scheduler.add_noise(latents, noise, timesteps)
-    encoder_states = text_encoder(ids)[0]
+    if backbone is None:
+        encoder_states, added = text_encoder(ids)[0], None
+    else:
+        encoder_states, added = backbone.encode_ids(ids, tuple(latents.shape[-2:]))
     store.clear()
     store.enabled = cfg.lambda_attn > 0
-    pred = unet(noisy, timesteps, encoder_states).sample
+    pred = unet(noisy, timesteps, encoder_states, added_cond_kwargs=added).sample
     target = diffusion_target(scheduler, latents, noise, timesteps)
 
     diffusion = masked_mse(pred[:num_instance], target[:num_instance], batch.union_mask,
@@ -132,20 +140,133 @@ class PhaseResult:
         return out
 
 
+def flat_layout(p: torch.Tensor) -> bool:
+    """Whether ``p`` can live in a slice of a flat tensor with its own strides: dense, in
+    the contiguous or the channels-last order."""
+    return not p.is_sparse and (p.is_contiguous() or (p.dim() == 4 and p.is_contiguous(
+        memory_format=torch.channels_last)))
+
+
+class FlatAdamW(torch.optim.AdamW):
+    """torch's multi-tensor AdamW over each parameter group laid end to end in one tensor.
+
+    On the CPU a multi-tensor ("foreach") op is a loop of one kernel per tensor: over a
+    UNet's hundreds of small tensors AdamW makes some 3,000 kernel calls a step, which cost
+    more than its arithmetic. Here each group's parameters become views into one flat
+    tensor (with their own strides: channels-last stays channels-last), the gradients are
+    copied into a flat twin, and torch's AdamW runs over one tensor per group. Its every
+    operation is elementwise, so the numbers are bit for bit those of AdamW over the
+    separate tensors. A parameter left without a gradient counts as a zero gradient (as
+    in the authors' script, which zeroes gradients rather than freeing them).
+    ``release`` gives each parameter its own storage back (``run_phase`` calls it)."""
+
+    def __init__(self, groups: list[dict], **options) -> None:
+        self.members: list[torch.nn.Parameter] = []
+        self.grad_views: list[torch.Tensor] = []
+        flat_groups = []
+        for group in groups:
+            params = list(group["params"])
+            flat = torch.nn.Parameter(params[0].new_empty(sum(p.numel() for p in params)))
+            flat.grad = torch.zeros_like(flat)
+            offset = 0
+            for p in params:
+                view = flat.detach().as_strided(p.shape, p.stride(), offset)
+                view.copy_(p.detach())
+                p.data = view  # the model's parameter now lives in ``flat``
+                self.grad_views.append(flat.grad.as_strided(p.shape, p.stride(), offset))
+                offset += p.numel()
+            self.members += params
+            flat_groups.append({**group, "params": [flat]})
+        super().__init__(flat_groups, **options)
+        self.gathered = False
+
+    @classmethod
+    def fits(cls, groups: list[dict]) -> bool:
+        """Worth it and exact: more tensors than groups, each group's of one dtype and device,
+        every tensor in a ``flat_layout``."""
+        params = [list(g["params"]) for g in groups]
+        return sum(map(len, params)) > len(groups) and all(
+            len({(p.dtype, p.device) for p in ps}) == 1 and all(flat_layout(p) for p in ps) for ps in params)
+
+    @property
+    def flats(self) -> list[torch.nn.Parameter]:
+        return [g["params"][0] for g in self.param_groups]
+
+    @torch.no_grad()
+    def gather(self) -> None:
+        """The members' gradients into the flat gradients, once per step."""
+        if self.gathered:
+            return
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.members]
+        torch._foreach_copy_(self.grad_views, grads)
+        self.gathered = True
+
+    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
+        """``torch.nn.utils.clip_grad_norm_`` over the members: the norm from the separate
+        tensors (its rounding depends on them), the scaling on the flat gradients."""
+        total = torch.nn.utils.get_total_norm([p.grad for p in self.members if p.grad is not None])
+        self.gather()
+        torch.nn.utils.clip_grads_with_norm_(self.flats, max_norm, total)
+        return total
+
+    def step(self, closure=None):
+        self.gather()
+        loss = super().step(closure)
+        self.gathered = False
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for p in self.members:
+            if set_to_none or p.grad is None:
+                p.grad = None
+            else:
+                p.grad.zero_()
+
+    @torch.no_grad()
+    def release(self) -> None:
+        """Each member back in storage of its own (a bundle's writer refuses shared storage)."""
+        for p in self.members:
+            p.data = p.data.clone()  # preserves the strides of a dense tensor
+
+
 def make_optimizer(setup: PhaseSetup, cfg: ExtractConfig, device: torch.device,
                    kind: str = "auto") -> torch.optim.AdamW:
     """AdamW over ``setup``'s parameter groups. ``kind``: "auto" is one fused kernel on CUDA
-    and the multi-tensor ("foreach") form elsewhere, which on the CPU is bit for bit torch's
-    default one-tensor-at-a-time loop, a third faster; "fused", "foreach", "for-loop" as
-    named; "torch" is torch's own default (what a training script gets)."""
+    and, on the CPU, the multi-tensor ("foreach") form over flat groups (``FlatAdamW``, where
+    they fit), bit for bit torch's default one-tensor-at-a-time loop; "fused" (on the CPU it
+    rounds differently, ~1e-7 per step), "foreach", "for-loop" as named; "torch" is torch's
+    own default (what a training script gets). A FlatAdamW must be ``release``d after use."""
     if kind not in OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, not {kind!r}")
-    if kind == "auto":
-        kind = "fused" if device.type == "cuda" else "foreach"
-    impl = {"fused": {"fused": True}, "foreach": {"foreach": True}, "for-loop": {"foreach": False}, "torch": {}}[kind]
     groups = [dict(g) for g in setup.groups]  # AdamW writes its settings into each group it is given
-    return torch.optim.AdamW(groups, betas=cfg.optimizer.betas, weight_decay=cfg.optimizer.weight_decay,
-                             eps=cfg.optimizer.eps, **impl)
+    options = {"betas": cfg.optimizer.betas, "weight_decay": cfg.optimizer.weight_decay, "eps": cfg.optimizer.eps}
+    if kind == "auto" and device.type == "cuda":
+        kind = "fused"
+    elif kind == "auto":
+        if FlatAdamW.fits(groups):
+            return FlatAdamW(groups, foreach=True, **options)
+        kind = "foreach"
+    impl = {"fused": {"fused": True}, "foreach": {"foreach": True}, "for-loop": {"foreach": False}, "torch": {}}[kind]
+    return torch.optim.AdamW(groups, **options, **impl)
+
+
+def clip_and_step(opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler, trainable: list[torch.nn.Parameter],
+                  max_norm: float) -> None:
+    """After backward: gradients unscaled, clipped to ``max_norm``, applied, then freed."""
+    scaler.unscale_(opt)
+    if isinstance(opt, FlatAdamW):
+        opt.clip_grad_norm_(max_norm)
+    else:
+        torch.nn.utils.clip_grad_norm_(trainable, max_norm)
+    scaler.step(opt)
+    scaler.update()
+    opt.zero_grad(set_to_none=True)
+
+
+def release(opt: torch.optim.Optimizer) -> None:
+    """What ``make_optimizer`` borrowed from the model, given back."""
+    if isinstance(opt, FlatAdamW):
+        opt.release()
 
 
 def check_finite(phase: str, losses: torch.Tensor, first_step: int) -> None:
@@ -179,23 +300,22 @@ def run_phase(name: str, steps: int, setup: PhaseSetup, step_fn: Callable[[], Lo
     start = time.perf_counter()
     bar = tqdm(range(steps), desc=name, disable=not progress or steps == 0, leave=False)
     read = 0  # rows of history already read back
-    for step in bar:
-        with autocast_context(device, cfg.mixed_precision):
-            terms = step_fn()
-        scaler.scale(terms.total).backward()
-        scaler.unscale_(opt)
-        torch.nn.utils.clip_grad_norm_(trainable, cfg.optimizer.max_grad_norm)
-        scaler.step(opt)
-        scaler.update()
-        opt.zero_grad(set_to_none=True)
-        after_step()
-        history[step] = terms.detached()
-        if step + 1 - read == readback_every or step == steps - 1:
-            rows = history[read:step + 1].cpu()  # the loop's only host synchronisation
-            check_finite(name, rows, read + 1)
-            read = step + 1
-            if progress:
-                bar.set_postfix(loss=f"{float(rows[-1, 0]):.4f}")
+    try:
+        for step in bar:
+            with autocast_context(device, cfg.mixed_precision):
+                terms = step_fn()
+            scaler.scale(terms.total).backward()
+            clip_and_step(opt, scaler, trainable, cfg.optimizer.max_grad_norm)
+            after_step()
+            history[step] = terms.detached()
+            if step + 1 - read == readback_every or step == steps - 1:
+                rows = history[read:step + 1].cpu()  # the loop's only host synchronisation
+                check_finite(name, rows, read + 1)
+                read = step + 1
+                if progress:
+                    bar.set_postfix(loss=f"{float(rows[-1, 0]):.4f}")
+    finally:
+        release(opt)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return PhaseResult(name=name, steps=steps, seconds=time.perf_counter() - start, losses=history)

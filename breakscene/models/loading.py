@@ -45,6 +45,21 @@ class DiffusionModels:
     def is_preset(self) -> bool:
         return self.model_id in PRESETS
 
+    family = "sd"
+
+    @property
+    def text_encoders(self) -> tuple:
+        return (self.text_encoder,)
+
+    @property
+    def tokenizers(self) -> tuple:
+        return (self.tokenizer,)
+
+    def backbone(self):
+        from breakscene.models.backbones import sd2_backbone
+
+        return sd2_backbone(self)
+
     def to(self, device: torch.device) -> "DiffusionModels":
         for module in (self.unet, self.vae, self.text_encoder):
             module.to(device)
@@ -72,6 +87,37 @@ class SDXLModels:
     scheduler: Any  # as the model ships it (SDXL base: EulerDiscreteScheduler)
     model_id: str
     revision: str | None
+    family = "sdxl"
+
+    @property
+    def vae_scale(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def native_resolution(self) -> int:
+        return int(self.unet.config.sample_size) * self.vae_scale
+
+    @property
+    def is_preset(self) -> bool:
+        return self.model_id in SDXL_PRESETS
+
+    @property
+    def text_encoders(self) -> tuple:
+        return (self.text_encoder, self.text_encoder_2)
+
+    @property
+    def tokenizers(self) -> tuple:
+        return (self.tokenizer, self.tokenizer_2)
+
+    def backbone(self):
+        from breakscene.models.backbones import sdxl_backbone
+
+        return sdxl_backbone(self)
+
+    def to(self, device: torch.device) -> "SDXLModels":
+        for module in (self.unet, self.vae, self.text_encoder, self.text_encoder_2):
+            module.to(device)
+        return self
 
     def pipeline(self):
         from diffusers import StableDiffusionXLPipeline
@@ -98,9 +144,8 @@ def folder_family(folder: Path) -> str:
 
 
 def sdxl_not_supported(model_id: str) -> ModelLoadError:
-    return ModelLoadError(f"model {model_id!r} is Stable Diffusion XL: extraction and generation on SDXL "
-                          "are not implemented yet (Stable Diffusion 1.x/2.x models and the presets "
-                          f"{', '.join(PRESETS)} are)")
+    return ModelLoadError(f"model {model_id!r} is Stable Diffusion XL: this loader reads Stable Diffusion "
+                          f"1.x/2.x models and the presets {', '.join(PRESETS)} (load_any reads both)")
 
 
 def _load_folder(folder: Path, model_id: str, revision: str | None) -> DiffusionModels:
@@ -139,18 +184,27 @@ def _fetch_uri(uri: str) -> Path:
     return target
 
 
-def _load_hub(model_id: str, revision: str | None) -> DiffusionModels:
+HUB_FILES = ("*.json", "*.txt", "*.safetensors", "*.model")  # configs, tokenizers, weights: no .bin duplicates
+
+
+def hub_snapshot(model_id: str, revision: str | None, patterns: list[str]) -> Path:
     from huggingface_hub import snapshot_download
 
     try:
-        folder = snapshot_download(model_id, revision=revision,
-                                   allow_patterns=["*.json", "*.txt", "*.safetensors", "*.model"])
+        return Path(snapshot_download(model_id, revision=revision, allow_patterns=patterns))
     except Exception as exc:  # network errors, unknown repos, offline mode: all one message
         raise ModelLoadError(
             f"model {model_id!r} is not a preset ({', '.join(PRESETS)}), not a local folder, and could "
             f"not be fetched from the hub ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})"
         ) from None
-    return _load_folder(Path(folder), model_id, revision)
+
+
+def _load_hub(model_id: str, revision: str | None) -> DiffusionModels:
+    # the index first: an SDXL repository is named before gigabytes of its weights are fetched
+    if folder_family(hub_snapshot(model_id, revision, ["model_index.json"])) == "sdxl":
+        raise sdxl_not_supported(model_id)
+    folder = hub_snapshot(model_id, revision, list(HUB_FILES))
+    return _load_folder(folder, model_id, revision)
 
 
 def load_models(model: str = DEFAULT_MODEL, revision: str | None = None) -> DiffusionModels:
@@ -170,6 +224,56 @@ def load_models(model: str = DEFAULT_MODEL, revision: str | None = None) -> Diff
     if local.suffix or model.startswith((".", "/", "~")) or model.count("/") > 1:
         raise ModelLoadError(f"model folder {model!r} does not exist")
     return _load_hub(model, revision)
+
+
+def model_folder(model: str, revision: str | None, hub_files: tuple[str, ...] = HUB_FILES) -> Path:
+    """The local diffusers folder of a folder, URI (cached once) or hub id (``hub_files`` of it)."""
+    if is_remote(model):
+        return _fetch_uri(model)
+    local = Path(model.removeprefix("file://")).expanduser()
+    if local.is_dir():
+        return local
+    if local.suffix or model.startswith((".", "/", "~")) or model.count("/") > 1:
+        raise ModelLoadError(f"model folder {model!r} does not exist")
+    return hub_snapshot(model, revision, list(hub_files))
+
+
+def model_family(model: str, revision: str | None = None) -> str:
+    """"sd" (Stable Diffusion 1.x/2.x) or "sdxl", from a preset's name or a folder's
+    model_index.json (a URI or hub id is fetched first, as a load would)."""
+    return preset_family(model) or folder_family(model_folder(model, revision, ("model_index.json",)))
+
+
+def load_sdxl_models(model: str, revision: str | None = None) -> SDXLModels:
+    """An SDXL preset or folder (local, URI or hub id), fp32 on the CPU, in eval mode."""
+    if model in SDXL_PRESETS:
+        parts = build_sdxl_preset(model)
+        for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+            parts[name].eval()
+        return SDXLModels(**parts, model_id=model, revision=None)
+    folder = model_folder(model, revision)
+    if folder_family(folder) != "sdxl":
+        raise ModelLoadError(f"model {model!r} is not Stable Diffusion XL (its model_index.json names no "
+                             f"{' or '.join(SDXL_PIPELINES)})")
+    from diffusers import StableDiffusionXLPipeline
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(folder, add_watermarker=False)
+    models = SDXLModels(**{f: getattr(pipe, f) for f in SDXL_PARTS}, model_id=model, revision=revision)
+    for encoder, tok in zip(models.text_encoders, models.tokenizers):
+        # SDXL base's text_encoder_2 says eos_token_id 2 (legacy): transformers would then pool
+        # at the largest id, which becomes an <assetN> token once tokens are added
+        encoder.config.eos_token_id = tok.eos_token_id
+        for module in encoder.modules():  # the pooling module reads its own copy
+            if hasattr(module, "eos_token_id"):
+                module.eos_token_id = tok.eos_token_id
+    return models
+
+
+def load_any(model: str, revision: str | None = None) -> DiffusionModels | SDXLModels:
+    """``load_models`` or ``load_sdxl_models``, by the model's family (``model_family``)."""
+    if model in PRESETS:
+        return load_models(model, revision)
+    return load_sdxl_models(model, revision) if model_family(model, revision) == "sdxl" else load_models(model, revision)
 
 
 def pick_device(requested: str | None = None) -> torch.device:

@@ -8,13 +8,14 @@ import logging
 from collections.abc import Callable
 
 import torch
+from diffusers import DDPMScheduler
 
 from breakscene.method.attention import AttentionStore, install_capture
 from breakscene.config import ExtractConfig, RuntimeConfig
-from breakscene.extraction.generate import make_pipeline
+from breakscene.extraction.generate import models_pipeline
 from breakscene.models.memory import GIB, predict_step_memory
-from breakscene.models.loading import load_models, pick_device
-from breakscene.method.phase2_modes import PhaseSetup, phase2_mode
+from breakscene.models.loading import load_any, pick_device
+from breakscene.method.phases import PhaseSetup, phase2_mode
 from breakscene.method.phases import phase_setup, set_checkpointing
 from breakscene.extraction.tensors import encode_latents
 
@@ -22,16 +23,22 @@ log = logging.getLogger(__name__)
 
 
 class ResidentModels:
-    """UNet, VAE, text encoder, tokenizer and scheduler (``models``), frozen, with the
-    attention capture installed on the loss layers (``store`` receives the maps)."""
+    """UNet, VAE, text encoder(s), tokenizer(s) and scheduler (``models``), frozen, with the
+    attention capture installed on the loss layers (``store`` receives the maps); ``backbone``
+    is what differs between model families (``models.backbones``)."""
 
     def __init__(self, model: str = "tiny", revision: str | None = None, device: str | None = None,
                  runtime: RuntimeConfig | None = None) -> None:
         self.device = pick_device(device)
         self.runtime = runtime or RuntimeConfig()
-        self.models = load_models(model, revision).to(self.device)
+        self.models = load_any(model, revision).to(self.device)
         m = self.models
-        for module in (m.vae, m.unet, m.text_encoder):
+        self.backbone = m.backbone()
+        if not isinstance(m.scheduler, DDPMScheduler):
+            # training noises as the models were trained (SDXL ships Euler, a sampler); every
+            # sampler is built from this config, as for Stable Diffusion 1.x/2.x folders
+            m.scheduler = DDPMScheduler.from_config(m.scheduler.config)
+        for module in (m.vae, m.unet, *m.text_encoders):
             module.requires_grad_(False)
         self.store = AttentionStore()
         self.capture_downsample = 4
@@ -57,7 +64,7 @@ class ResidentModels:
     def phase_setup(self, phase: str, cfg: ExtractConfig, *, after_step: Callable[[], None] | None = None) -> PhaseSetup:
         """``phases.phase_setup`` on the resident models, remembering what ``reset`` undoes:
         the pristine weights are copied to the CPU before the first `full` phase 2."""
-        unet, te = self.models.unet, self.models.text_encoder
+        unet, te = self.models.unet, self.text_encoders
         if phase == "phase2":
             mode = phase2_mode(cfg)
             self._pristine_weights = mode.snapshot(unet, te, self._pristine_weights)
@@ -70,6 +77,8 @@ class ResidentModels:
         mode = self.runtime.gradient_checkpointing
         if mode != "auto" or self.device.type != "cuda":
             return mode == "on"
+        if self.models.family != "sd":  # the prediction runs SD 1.x/2.x steps only (issue 19)
+            return False
         key = (phase, resolution, cfg.model_dump_json())  # every setting the prediction may read
         if key not in self._checkpointing_cache:
             need = predict_step_memory(self.models, cfg, resolution, phase, checkpointing=False).total
@@ -81,17 +90,18 @@ class ResidentModels:
         return self._checkpointing_cache[key]
 
     def set_checkpointing(self, on: bool) -> None:
-        set_checkpointing(self.models.unet, self.models.text_encoder, on)
+        set_checkpointing(self.models.unet, self.text_encoders, on)
 
     def reset(self) -> None:
         """Back to the pristine base weights (the caller resets the embedding rows after)."""
-        unet, te = self.models.unet, self.models.text_encoder
+        unet, te = self.models.unet, self.text_encoders
         while self._to_undo:
             self._to_undo.pop().undo(unet, te, self._pristine_weights)
         install_capture(unet, self.store, self.capture_downsample)  # removing adapters replaced layers
         self.generation += 1
         unet.requires_grad_(False)
-        te.requires_grad_(False)
+        for encoder in te:
+            encoder.requires_grad_(False)
         self.set_checkpointing(False)
         self.store.clear()
 
@@ -109,7 +119,15 @@ class ResidentModels:
         finally:
             unet.to(memory_format=torch.channels_last)
 
+    def set_training(self, on: bool) -> None:
+        """The trained models (UNet, every text encoder) in train or eval mode."""
+        for module in (self.models.unet, *self.text_encoders):
+            module.train(on)
+
+    @property
+    def text_encoders(self) -> tuple:
+        return self.models.text_encoders
+
     def pipeline(self, sampler: str = "ddim"):
         """A generation pipeline over the current (possibly trained) in-memory weights."""
-        m = self.models
-        return make_pipeline(m.unet, m.vae, m.text_encoder, m.tokenizer, m.scheduler.config, sampler)
+        return models_pipeline(self.models, sampler)
