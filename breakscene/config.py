@@ -95,9 +95,10 @@ class RuntimeConfig(StrictModel):
 
     channels_last: bool = True  # NHWC convolutions in the UNet (tensor cores on CUDA)
     # torch.compile the UNet once per Extractor: minutes of compiling, then faster steps on a
-    # GPU; generated kernels round differently from eager ones (losses move at ~1e-6)
+    # GPU; inductor's generated kernels fuse and reorder arithmetic, so the losses are not
+    # bit for bit eager's (the golden curves are eager's)
     compile: bool = Field(False, description="torch.compile the UNet once (slow start, faster steps on a GPU; "
-                                             "losses differ from eager at ~1e-6)")
+                                             "losses may differ from eager in their last digits)")
     compile_backend: str = "inductor"  # torch.compile backend ("eager" traces without code generation)
     # "adamw": fused on CUDA; on the CPU torch's multi-tensor AdamW over flat parameter
     # groups, bit for bit torch's default AdamW. "adamw-fused": fused on every device: on

@@ -91,9 +91,27 @@ def axis_combos(axes: dict[str, list]) -> list[dict]:
     return [dict(zip(keys, values)) for values in itertools.product(*(axes[k] for k in keys))] or [{}]
 
 
+# Settings added to the configs after studies were first written, by (block, path): left out
+# of a cell's id while at this default, so that an upgrade does not rename (and so redo)
+# every finished cell. A new setting joins this list with its default.
+LATER_SETTINGS = {("model", ("runtime", "optimizer")): "adamw"}
+
+
+def without_later_defaults(block: str, values: dict) -> dict:
+    for (where, path), default in LATER_SETTINGS.items():
+        parent = values
+        for key in path[:-1]:
+            parent = parent.get(key, {})
+        if where == block and parent.get(path[-1], default) == default:
+            parent.pop(path[-1], None)
+    return values
+
+
 def cell_id(cfg: StudyConfig, scene_id: str, family: str, severity: float, seed: int, axis: dict) -> str:
-    payload = to_json([scene_id, family, severity, seed, axis, cfg.model.model_dump(),
-                          cfg.extract.model_dump(mode="json"), cfg.evaluation.model_dump()], sort_keys=True)
+    payload = to_json([scene_id, family, severity, seed, axis,
+                       without_later_defaults("model", cfg.model.model_dump()),
+                       without_later_defaults("extract", cfg.extract.model_dump(mode="json")),
+                       cfg.evaluation.model_dump()], sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 

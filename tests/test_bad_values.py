@@ -68,7 +68,7 @@ def test_a_step_the_machine_cannot_hold_is_refused_before_the_model_loads(tmp_pa
     def no_load(*args, **kwargs):
         raise AssertionError("the model was loaded before its memory was checked")
 
-    monkeypatch.setattr(breakscene.models.resident, "load_models", no_load)
+    monkeypatch.setattr(breakscene.models.resident, "load_any", no_load)  # the one loader of every family
     start = time.perf_counter()
     code, err = extract(capsys, tmp_path, "--model", "sd21-base-random", "--resolution", "2048",
                         "--batch-size", "256", "--device", "cpu")

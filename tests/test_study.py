@@ -293,3 +293,6 @@ def test_cell_ids_of_finished_studies_survive_new_settings():
     assert cell_id(cfg, "scene-a", "clean", 0.0, 0, {"lambda_attn": 0.02}) == "1a095db547075fc9"
     changed = cfg.model_copy(update={"extract": cfg.extract.model_copy(update={"lambda_attn": 0.02})})
     assert cell_id(changed, "scene-a", "dilate", 0.5, 0, {}) != "e75be582d7f31379"  # a real change still counts
+    fused = cfg.model_copy(update={"model": cfg.model.model_copy(update={
+        "runtime": cfg.model.runtime.model_copy(update={"optimizer": "adamw-fused"})})})
+    assert cell_id(fused, "scene-a", "dilate", 0.5, 0, {}) != "e75be582d7f31379"  # a later setting, changed
