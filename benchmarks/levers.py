@@ -45,8 +45,9 @@ DESCRIPTIONS = {
     "cached_latents": "image latents encoded once per flip (off: VAE-encode at every step)",
     "loss_layers_only": "explicit softmax only in the latent/4 cross-attention (off: every layer)",
     "frozen_weights_phase1": "no weight gradients in phase 1 (off: UNet and text encoder require grad)",
-    "multi_tensor_optimizer": "AdamW over all tensors at once: fused on CUDA, foreach on the CPU (bit for bit "
-                              "the loop there) (off: torch's default, a loop over tensors on the CPU)",
+    "multi_tensor_optimizer": "AdamW over all tensors at once: fused on CUDA, multi-tensor over flat groups on "
+                              "the CPU (bit for bit the loop there) (off: torch's default, a loop over tensors on "
+                              "the CPU)",
     "flat_optimizer": "CPU: multi-tensor AdamW over each group laid end to end in one tensor, bit for bit "
                       "(off: over the separate tensors, one kernel per tensor and op); CUDA: fused either way",
     "no_host_sync": f"losses read on the host every {READBACK_EVERY} steps (off: after every step)",
