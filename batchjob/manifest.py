@@ -42,7 +42,7 @@ from breakscene.files.strictjson import to_json
 
 from batchjob.keys import id_problem, id_text, id_texts
 
-COLUMNS = ("image_uri", "image_id", "mask_uris", "labels", "gt_mask_uris")
+COLUMNS = ("image_uri", "image_id", "mask_uris", "labels", "gt_mask_uris", "group")
 LIST_COLUMNS = ("mask_uris", "labels", "gt_mask_uris")
 FORMATS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".ndjson": "json", ".csv": "csv"}
 BATCH_ROWS = 4096  # rows per batch a shard is streamed in
@@ -411,10 +411,35 @@ def manifest_fields(raw: dict, spec: ManifestSpec, file: str, row: int, label: s
     if image_id is not None and (problem := id_problem(image_id)):
         raise ValueError(problem)
     lists = {c: _as_list(raw.get(spec.source(c)), spec.source(c)) for c in LIST_COLUMNS}
+    group = group_of(raw.get(spec.source("group")), lists, spec)
     known = {spec.source(c) for c in COLUMNS}
     meta = {k: v for k, v in raw.items() if k not in known and v is not None}
     return dict(image_id=image_id, image_uri=str(uri), manifest_row=row, manifest_file=file, manifest_label=label,
-                meta=to_json(meta, default=_meta_value, sort_keys=True) if meta else None, **lists)
+                meta=to_json(meta, default=_meta_value, sort_keys=True) if meta else None, group=group, **lists)
+
+
+def group_of(value, lists: dict[str, list[str]], spec: ManifestSpec) -> str | None:
+    """The row's concept group (None: extracted alone). A grouped row names its masks and
+    one label per mask: the labels are what match its masks to the other images' masks."""
+    value = id_text(value)
+    if value is None or not value.strip():
+        return None
+    if problem := id_problem(value):
+        raise ValueError(problem.replace("image_id", spec.source("group"), 1))
+    masks, labels = spec.source("mask_uris"), spec.source("labels")
+    if not lists["mask_uris"]:
+        raise ValueError(f"{spec.source('group')} {value!r} needs {masks}: a group's images are matched by their "
+                         f"masks' {labels}")
+    if len(lists["labels"]) != len(lists["mask_uris"]):
+        raise ValueError(f"{spec.source('group')} {value!r} needs one {labels} entry per {masks} entry "
+                         f"({len(lists['labels'])} for {len(lists['mask_uris'])})")
+    found = [label.strip() for label in lists["labels"]]
+    if not all(found):
+        raise ValueError(f"{labels} of a grouped row may not be empty")
+    if len(set(found)) != len(found):
+        raise ValueError(f"{labels} names one object twice in one image: a label is one object")
+    lists["labels"] = found
+    return value
 
 
 def read_manifest(uri: str, columns: dict[str, str] | None = None) -> list[dict]:

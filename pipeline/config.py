@@ -3,12 +3,14 @@ front so that an unknown key or a bad value stops the run with its name. Reading
 YAML file is ``jobfile.load_job``; nothing here imports torch."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Literal
 
 from pydantic import Field, model_validator
 
 from breakscene.config import ExtractConfig, StrictModel
+from breakscene.scenes.group import MAX_GROUP_IMAGES
 
 from batchjob.settings import ManifestConfig, ModelConfig, ResourcesConfig, SegmenterConfig, StorageConfig
 
@@ -40,6 +42,24 @@ class SelectionConfig(StrictModel):
     min_center_fraction: float = Field(0.8, ge=0, le=1)
 
 
+class GroupsConfig(StrictModel):
+    """Concept groups: manifest rows sharing a ``group`` value are learned together, one
+    token per label (``pipeline/groups.py``)."""
+
+    max_images: int = Field(16, ge=1, le=MAX_GROUP_IMAGES, description="most images one group is learned from: "
+                            "a larger group is capped (the images with the smallest ids are learned; the rest are "
+                            "skipped with a warning)")
+    min_images: int = Field(1, ge=1, description="fewest images left after failures for a group to be learned; "
+                                                 "below it every image of the group fails with the reason")
+    draw: Literal["uniform", "balanced"] = Field("uniform", description="how a training step picks its image: "
+                                                 "uniformly, or an object uniformly and then an image showing it")
+    # A nightly dataset grows: a group already learned that gains images is learned again
+    # from all of them (its bundle replaced) unless this is false, when the new images are
+    # skipped with a warning and the bundle stays as it was.
+    retrain_on_growth: bool = Field(True, description="a learned group that gains images on a later run is learned "
+                                    "again from all its images; false: its new images are skipped with a warning")
+
+
 class DemoInputs(StrictModel):
     """Inputs made by the job itself: scikit-image's sample photos and generated scenes."""
 
@@ -64,6 +84,8 @@ class JobConfig(StrictModel):
                                        description="what finds masks in images that have none")
     selection: SelectionConfig = Field(default_factory=SelectionConfig, description="which masks become concepts")
     extract: ExtractConfig = Field(default_factory=ExtractConfig)
+    groups: GroupsConfig = Field(default_factory=GroupsConfig, description="concept groups: manifest rows with "
+                                                                          "the same `group` learned together")
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig, description="actor pools: how many, "
                                                                                 "with how many GPUs and CPUs")
     force: bool = False  # redo images whose outputs are complete
@@ -129,10 +151,12 @@ class ExtractSettings:
     output: str
     force: bool
     storage: StorageConfig
+    groups: GroupsConfig = dataclasses.field(default_factory=GroupsConfig)
 
     @classmethod
     def from_job(cls, job: JobConfig) -> "ExtractSettings":
-        return cls(model=job.model, extract=job.extract, output=job.output, force=job.force, storage=job.storage)
+        return cls(model=job.model, extract=job.extract, output=job.output, force=job.force, storage=job.storage,
+                   groups=job.groups)
 
     def forced(self) -> "ExtractSettings":
-        return ExtractSettings(self.model, self.extract, self.output, True, self.storage)
+        return dataclasses.replace(self, force=True)

@@ -16,7 +16,7 @@ import json
 import pyarrow as pa
 
 from breakscene.quality.evidence import EVIDENCE_COLUMNS
-from breakscene.files.storage import join, read_bytes
+from breakscene.files.storage import is_remote, join, read_bytes
 
 from pipeline.tables import commit, counts, read_table as read_delta_table
 from batchjob.artifacts import read_json_folder, write_json
@@ -59,6 +59,8 @@ IMAGES_SCHEMA = pa.schema([
     ("run_id", pa.string()),
     # where the row came from, and the manifest's own columns this project does not know (JSON)
     ("manifest_file", pa.string()), ("meta", pa.string()),
+    # schema version 4: the image's concept group (null: extracted alone, and in older rows)
+    ("group", pa.string()),
 ])
 # a mask's quality columns (``breakscene.quality.score.score_masks``; the row's ``features``)
 FEATURE_FIELDS = [
@@ -81,6 +83,9 @@ CONCEPTS_SCHEMA = pa.schema([
     ("init_word", pa.string()), ("quality", pa.float64()), ("attention_iou", pa.float64()),
     ("assigned_mask", pa.int32()), ("mass_in_mask", pa.float64()), ("final_loss", pa.float64()),
     ("bundle_uri", pa.string()), ("grid_uri", pa.string()), ("run_id", pa.string()),
+    # schema version 4: the concept's group and the label naming its object (the manifest's
+    # labels; null where none was given, and in older rows)
+    ("group", pa.string()), ("label", pa.string()),
 ])
 TABLES = {"images": IMAGES_SCHEMA, "masks": MASKS_SCHEMA, "concepts": CONCEPTS_SCHEMA}
 
@@ -123,6 +128,7 @@ def build_record(row: dict, run_id: str) -> dict:
         "n_masks": len(found), "n_concepts": len(chosen) if row["bundle_uri"] else 0,
         **{f"seconds_{k}": timings.get(k) for k in ("load", "segment", "score", "extract")},
         "bundle_uri": bundle, "run_id": run_id, "manifest_file": row["manifest_file"], "meta": row["meta"],
+        "group": row["group"],
     }
     masks = [{"image_id": image_id, "mask_index": i, "source": f["source"], "rle": f["rle"],
               **(feats[i] if i < len(feats) else {}), "selected": i in chosen, "run_id": run_id}
@@ -139,7 +145,7 @@ def _in_order(values: dict, schema: pa.Schema) -> dict:
 def read_records(out: str) -> dict[str, dict]:
     """Every record under OUT/records (a tool for tests and benchmarks: runs never call
     it, since it reads history object by object)."""
-    return {rec["image"]["image_id"]: rec for rec in read_json_folder(join(out, "records"))}
+    return {rec["image"]["image_id"]: rec for rec in read_json_folder(join(out, "records")) if "image" in rec}
 
 
 def table_rows(records: list[dict], extra_images: list[dict] = ()) -> dict[str, pa.Table]:
@@ -189,14 +195,17 @@ def clear_partial_bundle(out: str, image_id: str) -> int:
     """Remove what a killed attempt left of this image's bundle: local temporary folders
     beside it (an object store's partial prefix is replaced when the bundle is published).
     Only this image's names are touched; no listing of other bundles."""
-    from breakscene.files.storage import is_remote
 
-    if is_remote(out):
+    return clear_partial_folder(bundle_uri(out, image_id))
+
+
+def clear_partial_folder(target: str) -> int:
+    """``clear_partial_bundle`` for the bundle at ``target`` (a group's bundle too)."""
+    if is_remote(target):
         return 0
     import glob
     import shutil
 
-    target = bundle_uri(out, image_id)
     parent, name = target.rsplit("/", 1)
     leftovers = glob.glob(f"{glob.escape(parent)}/.{glob.escape(name)}.tmp-*")
     for path in leftovers:

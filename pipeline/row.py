@@ -43,6 +43,7 @@ COLUMNS = (  # (name, type, value before any stage has run)
     ("mask_uris", pa.list_(pa.string()), []),
     ("labels", pa.list_(pa.string()), []),
     ("gt_mask_uris", pa.list_(pa.string()), []),
+    ("group", pa.string(), None),  # the concept group (pipeline/groups.py); null: extracted alone
     ("image_bytes", pa.binary(), b""),
     ("width", pa.int64(), 0),
     ("height", pa.int64(), 0),
@@ -56,6 +57,9 @@ COLUMNS = (  # (name, type, value before any stage has run)
     ("bundle_uri", pa.string(), None),
     ("concepts", pa.list_(CONCEPT), []),
     ("record_uri", pa.string(), None),
+    # an earlier image of a grown concept group, learned again with the group's new images
+    # (pipeline/groups.py): not a manifest row of this run, so the summary counts it apart
+    ("relearned", pa.bool_(), False),
 )
 ROW_SCHEMA = pa.schema([(name, kind) for name, kind, _ in COLUMNS])
 DEFAULTS = {name: value for name, _, value in COLUMNS}

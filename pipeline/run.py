@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from breakscene.errors import OUTPUT_FAULT_ERRNOS, OutputWriteError, output_fault
 from breakscene.files.storage import PARTIAL, exists, filesystem, join
@@ -44,6 +45,7 @@ from batchjob.cluster import fit_plan, stage_plan
 from pipeline.staging import SUMMARY_SCHEMA, Tally, finish_scored, skip_done, stage_tables
 from pipeline.stages import ContentClaims, Extract, Segment, load_images, score_and_select
 from pipeline.config import ExtractSettings, SegmentSettings, SelectSettings
+from pipeline.groups import ExtractGroup
 from pipeline.records import Status
 
 log = logging.getLogger(__name__)
@@ -126,6 +128,7 @@ class StageFns:
     segment: type = Segment
     score: Callable = score_and_select
     extract: type = Extract
+    extract_group: type = ExtractGroup
     finish: Callable = finish_scored
     stage: Callable = stage_tables
 
@@ -162,8 +165,8 @@ def run_job(job: JobConfig, address: str | None = None, *, stages: StageFns | No
         tally = Tally()
         tick = time.perf_counter()
         fold = 0.0  # the driver's own work on the stream: the longest any stage could wait on it
-        if n_todo:
-            for batch in _plan(ray, job, todo, run_id, done, stages or StageFns()).iter_batches(
+        for part, grouped in _passes(todo, n_todo, job):
+            for batch in _plan(ray, job, part, run_id, done, stages or StageFns(), grouped=grouped).iter_batches(
                     batch_size=None, batch_format="pyarrow"):
                 start = time.perf_counter()
                 tally.add(batch)
@@ -200,9 +203,35 @@ def _read_manifest(ray, spec: ManifestSpec, shards: list[str], done, job: JobCon
     return todo, counts
 
 
-def _plan(ray, job: JobConfig, todo, run_id: str, done, fns: StageFns):
+def rows_in_groups(batch: pa.Table, grouped: bool) -> pa.Table:
+    """The batch's rows of a concept group (``grouped``), or those extracted alone."""
+    has_group = pc.is_valid(batch.column("group"))
+    return batch.filter(has_group if grouped else pc.invert(has_group))
+
+
+def _passes(todo, n_todo: int, job: JobConfig):
+    """The rows to do as (dataset, grouped) passes, one after the other over the whole
+    cluster: the rows extracted alone stream through the stages as always; the rows of
+    concept groups follow, gathered per group after scoring (``pipeline/groups.py``).
+    ``todo`` is materialised, so each pass reads it without redoing the manifest."""
+    if not n_todo:
+        return
+    if job.stop_after != "extract":  # scoring is per image: groups change nothing
+        yield todo, False
+        return
+    kwargs = {"batch_format": "pyarrow", "num_cpus": 0.25}
+    grouped = todo.map_batches(rows_in_groups, fn_kwargs={"grouped": True}, **kwargs)
+    n_grouped = grouped.count()
+    if n_grouped < n_todo:
+        yield (todo.map_batches(rows_in_groups, fn_kwargs={"grouped": False}, **kwargs) if n_grouped else todo), False
+    if n_grouped:
+        yield grouped, True
+
+
+def _plan(ray, job: JobConfig, todo, run_id: str, done, fns: StageFns, grouped: bool = False):
     """The stages on Ray Data: blocks of up to ``ROWS_PER_BLOCK`` rows through the cheap
-    stages, smaller ones into extraction (seconds per image: every actor gets work)."""
+    stages, smaller ones into extraction (seconds per image: every actor gets work); the
+    rows of concept groups (``grouped``) into extraction one whole group per call."""
     from ray.data import ActorPoolStrategy
 
     gpus = ray.cluster_resources().get("GPU", 0)
@@ -235,16 +264,20 @@ def _plan(ray, job: JobConfig, todo, run_id: str, done, fns: StageFns):
                         fn_constructor_kwargs={"settings": SegmentSettings.from_job(job)})
     ds = ds.map_batches(fns.score, batch_size=8, batch_format=FORMAT, num_cpus=plan["score"]["num_cpus"],
                         fn_kwargs={"settings": SelectSettings.from_job(job)})
-    if extract:
+    extract_kwargs = {"num_cpus": plan["extract"]["num_cpus"], "num_gpus": ext_gpus,
+                      "compute": ActorPoolStrategy(min_size=1, max_size=max(1, plan["extract"]["actors"])),
+                      "fn_constructor_kwargs": {"settings": ExtractSettings.from_job(job), "run_id": run_id,
+                                                "threads": None if has_gpu else res.num_cpus}}
+    if extract and grouped:
+        # Ray Data's own grouping: every row of a group in one call (a shuffle, after scoring)
+        ds = ds.groupby("group").map_groups(fns.extract_group, batch_format=FORMAT, **extract_kwargs)
+        last_cpus, stage_rows = 0.1, 256
+    elif extract:
         block = min(EXTRACT_ROWS_PER_BLOCK, max(1, n // (4 * res.extract_actors)))
         ds = ds.repartition(target_num_rows_per_block=block)
         # a whole small block per call: Extract works row by row inside a call (one image on
         # the GPU at a time), and a call per row cost Ray Data's batching once per row
-        ds = ds.map_batches(fns.extract, batch_size=block, batch_format=FORMAT, num_cpus=plan["extract"]["num_cpus"],
-                            num_gpus=ext_gpus,
-                            compute=ActorPoolStrategy(min_size=1, max_size=plan["extract"]["actors"]),
-                            fn_constructor_kwargs={"settings": ExtractSettings.from_job(job), "run_id": run_id,
-                                                   "threads": None if has_gpu else res.num_cpus})
+        ds = ds.map_batches(fns.extract, batch_size=block, batch_format=FORMAT, **extract_kwargs)
         last_cpus, stage_rows = 0.1, 256  # small extraction blocks gathered into fewer staged files
     else:  # score-only: no extraction stage, so no diffusion model is ever loaded
         # score, finish and stage share a CPU share: Ray Data fuses them into one task per
@@ -262,6 +295,9 @@ def _summary(run_id, job, manifest, tally: Tally, mcounts: dict, counts, seconds
     # the manifest's own counts: rejected rows failed, rows already done resumed, repeated URIs duplicates
     for status, more in ((Status.FAILED, "rejected"), (Status.RESUMED, "done"), (Status.DUPLICATE, "duplicate")):
         c[status.value] += mcounts[more]
+    # a grown group's earlier images were done (left out of the manifest's rows to do) and
+    # are learned again: counted as this run's, not as resumed
+    c[Status.RESUMED.value] -= tally.relearned
     shown = [s.value for s in Status if s != Status.SCORED or job.stop_after == "score"]
     return {
         "run_id": run_id, "job": job.name, "manifest": manifest, "output": job.output, "stop_after": job.stop_after,
@@ -269,6 +305,7 @@ def _summary(run_id, job, manifest, tally: Tally, mcounts: dict, counts, seconds
         "duplicates": mcounts["duplicates"] + tally.duplicates,  # repeated URIs (manifest), then contents
         "errors": tally.errors + rejected,
         "manifest_rows": mcounts["rows"],
+        "relearned": tally.relearned,
         "seconds": round(seconds, 3), "seconds_per_stage": tally.seconds,
         "driver_seconds": {k: round(v, 3) for k, v in driver.items()},
         "images_per_hour": round(c[Status.OK.value] / seconds * 3600, 2) if seconds > 0 else 0.0,

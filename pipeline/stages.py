@@ -39,7 +39,9 @@ log = logging.getLogger(__name__)
 USER = "user"  # the source of a mask the manifest gave
 
 
-def _fail(row: dict, exc: BaseException, stage: str) -> None:
+def fail_row(row: dict, exc: BaseException, stage: str) -> None:
+    """The row failed at ``stage``: its status and one-line error (a traceback in the log
+    for an error that is not the project's own)."""
     row["status"] = Status.FAILED
     if isinstance(exc, BreakSceneError):
         row["error"] = f"{stage}: {exc}"
@@ -70,6 +72,12 @@ class ContentClaims:
     def claim(self, image_ids: list[str], labels: list[str]) -> list[str]:
         """The label of the row that owns each id (the first to claim it)."""
         return [self.owner.setdefault(i, label) for i, label in zip(image_ids, labels)]
+
+
+def read_image(row: dict) -> bytes:
+    """The row's encoded picture: the bytes it carries, else fetched again (a concept
+    group's earlier image, rebuilt from its record)."""
+    return row["image_bytes"] or _fetch(row["image_uri"])
 
 
 def _fetch(uri: str) -> bytes:
@@ -131,7 +139,7 @@ def _decode(row: dict) -> None:
 
 
 def _load_failed(row: dict, exc: BaseException) -> None:
-    _fail(row, exc, "load")
+    fail_row(row, exc, "load")
     row["image_bytes"] = b""
     row["image_id"] = row["image_id"] or uri_id(row["image_uri"])
 
@@ -185,7 +193,7 @@ class Segment:
                 else:
                     automatic.append((row, np.asarray(decode_image(row["image_bytes"], row["image_uri"]))))
             except Exception as exc:  # noqa: BLE001
-                _fail(row, exc, "segment")
+                fail_row(row, exc, "segment")
             _time(row, "segment", time.perf_counter() - start)
         if automatic:
             self._segment_together(automatic)
@@ -214,7 +222,7 @@ class Segment:
                 found = results[i] if results is not None else self.segmenter(image)
                 row["masks"] = mask_entries([{**m, "source": self.kind} for m in found])
             except Exception as exc:  # noqa: BLE001
-                _fail(row, exc, "segment")
+                fail_row(row, exc, "segment")
             _time(row, "segment", share + time.perf_counter() - start)
 
 
@@ -246,7 +254,7 @@ class ScoreAndSelect:
             try:
                 self.score_row(row)
             except Exception as exc:  # noqa: BLE001
-                _fail(row, exc, "score")
+                fail_row(row, exc, "score")
             _time(row, "score", time.perf_counter() - start)
         return batch_like(rows, batch)
 
@@ -303,11 +311,12 @@ class Extract:
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = rows_of(batch)
         for row in rows:
-            self._one(row)
+            self.process(row)
             row["image_bytes"] = b""  # results travel back to the driver without pixels
         return batch_like(rows, batch)
 
-    def _one(self, row: dict) -> None:
+    def process(self, row: dict) -> None:
+        """Extract one row (or resume it from an earlier attempt's record); write its record."""
         if row["status"] in (Status.DUPLICATE, Status.RESUMED):
             # a duplicate's twin's record is the image's record: writing one would overwrite
             # it; a resumed row is already done in the tables
@@ -328,10 +337,15 @@ class Extract:
             except Exception as exc:  # noqa: BLE001
                 if output_fault(exc):  # a full or read-only output: every row after it would fail too
                     raise
-                _fail(row, exc, "extract")
+                fail_row(row, exc, "extract")
         _time(row, "extract", time.perf_counter() - start)
+        self.save_record(row, started_at)
+
+    def save_record(self, row: dict, started_at: float) -> None:
+        """The row's record (``OUT/records/<key>.json``): the image's table rows, and the
+        wall-clock window of its work (for the actor-utilisation benchmark)."""
+        out = self.settings.output
         record = build_record(row, self.run_id)
-        # wall-clock window of the work, for the actor-utilisation benchmark
         record["image"].update(extract_started_at=started_at, extract_ended_at=time.time())
         write_output(record_uri(out, row["image_id"]), lambda: write_record(out, record))
 
@@ -344,20 +358,24 @@ class Extract:
         words = row["labels"][: len(chosen)] if found and found[0]["source"] == USER else []
         bundle = bundle_uri(self.settings.output, row["image_id"])
         result = self.extractor.extract(scene, self.settings.extract, out=bundle, init_words=words)
-        row["concepts"] = concept_rows(result, chosen, row["features"])
+        labels = [words[i] if i < len(words) else None for i in range(len(result.concepts))]
+        row["concepts"] = concept_rows(result, result.concepts, chosen, row["features"], labels)
         row["bundle_uri"] = bundle
 
 
-def concept_rows(result, chosen: list[int], feats: list[dict]) -> list[dict]:
-    """The row's ``concepts`` from an ``ExtractionResult``: mask indices into the image's
-    masks, each concept's mask quality."""
+def concept_rows(result, concepts: list[dict], chosen: list[int], feats: list[dict], labels: list[str | None],
+                 group: str | None = None) -> list[dict]:
+    """The row's ``concepts`` from an ``ExtractionResult``'s diagnostics in this image
+    (``concepts``: one per token the image shows, with ``index``, ``assigned_mask`` and
+    ``mask_index`` into its chosen masks): mask indices into the image's masks, each
+    concept's mask quality, label and group."""
     rows = []
-    for c in result.concepts:
-        mask_index = chosen[c["index"]]
+    for i, c in enumerate(concepts):
+        mask_index = chosen[c.get("mask_index", c["index"])]
         rows.append({"concept_index": c["index"], "token": c["token"], "mask_index": mask_index,
-                     "init_word": c["init_word"],
+                     "init_word": result.concepts[c["index"]]["init_word"],
                      "quality": feats[mask_index]["quality"] if mask_index < len(feats) else None,
                      "attention_iou": c["attention_iou"], "assigned_mask": chosen[c["assigned_mask"]],
                      "mass_in_mask": c["mass_in_mask"], "final_loss": result.final_loss,
-                     "grid_uri": result.grid_uri or ""})
+                     "grid_uri": result.grid_uri or "", "group": group, "label": labels[i]})
     return finite(rows)  # a non-finite measurement is null, as in the tables and records

@@ -23,6 +23,7 @@ from pipeline.records import Status
 SUMMARY_SCHEMA = pa.schema([
     ("image_id", pa.string()), ("manifest_row", pa.int64()), ("manifest_label", pa.string()),
     ("status", pa.string()), ("error", pa.string()), *[(f"seconds_{s}", pa.float64()) for s in STAGES],
+    ("relearned", pa.bool_()),
 ])
 
 
@@ -86,6 +87,7 @@ def summary_rows(batch: pa.Table) -> pa.Table:
     timings = batch.column("timings")
     columns = {name: batch.column(name) for name in ("image_id", "manifest_row", "manifest_label", "status", "error")}
     columns.update({f"seconds_{s}": pc.struct_field(timings, s) for s in STAGES})
+    columns["relearned"] = batch.column("relearned")
     return pa.table(columns).cast(SUMMARY_SCHEMA)
 
 
@@ -112,8 +114,10 @@ class Tally:
         self.errors: list[dict] = []
         self.duplicates: list[dict] = []
         self.max_messages = max_messages
+        self.relearned = 0  # earlier images of grown concept groups: done before, learned again
 
     def add(self, table: pa.Table) -> None:
+        self.relearned += pc.sum(table.column("relearned")).as_py() or 0
         for item in pc.value_counts(table.column("status")).to_pylist():
             self.counts[item["values"]] = self.counts.get(item["values"], 0) + item["counts"]
         for stage in STAGES:

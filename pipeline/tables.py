@@ -35,7 +35,10 @@ from breakscene.files.storage import (S3_PROTOCOLS, filesystem, io_settings, is_
 from batchjob.preflight import check_manifest, check_output_folder
 from pipeline.config import JobConfig
 
-SCHEMA_VERSION = 3  # 3: masks.mask_uri (tables of version 2 are read and appended to as they are)
+# 3: masks.mask_uri; 4: images.group, concepts.group and concepts.label (tables of an
+# older version are read and appended to as they are: the new columns are added by the
+# first commit of a newer version, null in older rows)
+SCHEMA_VERSION = 4
 STAGING = "_staging"
 # merge keys: one current row per image, per (image, mask), per (image, concept)
 KEYS = {"images": ("image_id",), "masks": ("image_id", "mask_index"), "concepts": ("image_id", "concept_index")}

@@ -150,9 +150,11 @@ def test_the_photo_is_fetched_once_and_decoded_at_most_once_per_stage(tmp_path, 
 
 
 def _old_schema(schema: pa.Schema) -> pa.Schema:
-    """A table's schema as version 2 wrote it (no masks.mask_uri), with its version on the key."""
-    if "mask_uri" in schema.names:
-        schema = schema.remove(schema.get_field_index("mask_uri"))
+    """A table's schema as version 2 wrote it (no masks.mask_uri, no version 4 group columns),
+    with its version on the key."""
+    for later in ("mask_uri", "group", "label"):
+        if later in schema.names:
+            schema = schema.remove(schema.get_field_index(later))
     i = schema.get_field_index("image_id")
     return schema.set(i, schema.field(i).with_metadata({"breakscene.schema_version": "2"}))
 
