@@ -39,6 +39,11 @@ def _multiple_of_8(value: int) -> int:
 Pixels = Annotated[int, AfterValidator(_multiple_of_8)]  # an image side the VAE can encode
 
 
+# the most images one concept group is learned from (breakscene/scenes/group.py); the
+# pipeline caps larger groups (pipeline/groups.py), with a warning
+MAX_GROUP_IMAGES = 64
+
+
 class StrictModel(BaseModel):
     """Base for all configs: unknown keys are an error, not silently ignored; inf and nan
     are refused in every float (they would train NaN weights and write non-JSON)."""
@@ -103,9 +108,13 @@ class RuntimeConfig(StrictModel):
     # "adamw": fused on CUDA; on the CPU torch's multi-tensor AdamW over flat parameter
     # groups, bit for bit torch's default AdamW. "adamw-fused": fused on every device: on
     # the CPU faster still, but it rounds differently (losses move at ~1e-6 over 800 steps).
-    optimizer: Literal["adamw", "adamw-fused"] = Field(
+    # "adamw-8bit": bitsandbytes' AdamW8bit (the optional extra), CUDA only: moments in 8
+    # bits (2 bytes a parameter instead of 8), the lever that shrinks a full phase 2 most
+    optimizer: Literal["adamw", "adamw-fused", "adamw-8bit"] = Field(
         "adamw", description="adamw: fused on CUDA, bit for bit torch's default AdamW on the CPU; adamw-fused: "
-                             "fused on the CPU too (faster there, losses differ at ~1e-6)")
+                             "fused on the CPU too (faster there, losses differ at ~1e-6); adamw-8bit: "
+                             "bitsandbytes' 8-bit AdamW (CUDA, the adamw-8bit extra; 2 instead of 8 bytes of "
+                             "optimizer state a parameter)")
     # "auto": the prediction of models/memory.py
     gradient_checkpointing: Literal["auto", "on", "off"] = Field(
         "auto", description="recompute activations in backward instead of storing them; auto: on CUDA, for each "

@@ -9,8 +9,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from breakscene.config import ExtractConfig, StrictModel
-from breakscene.scenes.group import MAX_GROUP_IMAGES
+from breakscene.config import MAX_GROUP_IMAGES, ExtractConfig, StrictModel
 
 from batchjob.settings import ManifestConfig, ModelConfig, ResourcesConfig, SegmenterConfig, StorageConfig
 

@@ -31,6 +31,7 @@ import time
 import pyarrow as pa
 
 from breakscene.errors import BreakSceneError, output_fault
+from breakscene.failpoints import failpoint
 from breakscene.files.storage import join
 from breakscene.scenes.group import build_group
 from breakscene.scenes.masks import decode_rle
@@ -124,12 +125,14 @@ class ExtractGroup:
             for row in used:
                 fail_row(row, exc, "extract")
             concepts, bundle = {}, None
+        failpoint("group-bundle-written")
         share = (time.perf_counter() - start) / max(1, len(rows))  # the group's time, shared by its images
         for row in rows:
             if row["image_id"] in concepts:
                 row["concepts"], row["bundle_uri"] = concepts[row["image_id"]], bundle
             row["timings"] = {**(row["timings"] or {}), "extract": round(share, 4)}
             self.single.save_record(row, started_at)
+        failpoint("group-images-recorded")
         if bundle is not None:  # the group's commit: after its bundle and its images' records
             self.write_group_record(group, bundle, used)
 

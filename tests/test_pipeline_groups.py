@@ -130,3 +130,40 @@ def test_a_large_group_is_capped_and_a_small_remainder_fails_with_the_reason(tmp
     assert out["a"]["status"] == "failed" and "1 of its 1 images can be learned, fewer than groups.min_images=2" \
         in out["a"]["error"]
     assert read_record(group_record_uri(strict.output, "h")) is None
+
+
+KILLED = """
+import sys
+sys.path.insert(0, "tests")
+from pathlib import Path
+import test_pipeline_groups as t
+from pipeline.config import ExtractSettings
+from pipeline.groups import ExtractGroup
+tmp = Path(sys.argv[1])
+job = t._job(tmp)
+ExtractGroup(ExtractSettings.from_job(job), run_id="killed")(t._rows(tmp, job, "ab"))
+"""
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("point", ["bundle-half-written", "group-bundle-written", "group-images-recorded"])
+def test_a_group_killed_at_each_boundary_is_learned_once_by_the_rerun(tmp_path, point):
+    import os
+    import subprocess
+    import sys
+
+    from breakscene.failpoints import ENV
+    from conftest import ROOT
+
+    child = subprocess.run([sys.executable, "-c", KILLED, str(tmp_path)], cwd=ROOT, env={**os.environ, ENV: point},
+                           capture_output=True, text=True, timeout=600)
+    assert child.returncode == -9, child.stderr[-2000:]  # killed there, like kill -9
+    assert read_record(group_record_uri(str(tmp_path / "out"), "g")) is None  # not committed
+    job = _job(tmp_path)
+    rows = {r["image_id"]: r for r in ExtractGroup(ExtractSettings.from_job(job), run_id="rerun")(
+        _rows(tmp_path, job, "ab")).to_pylist()}
+    # learned again by the rerun, once: one bundle (no leftovers beside it), every record the rerun's
+    assert {k: r["status"] for k, r in rows.items()} == {"a": "ok", "b": "ok"}
+    assert sorted(p.name for p in (tmp_path / "out" / "bundles").iterdir()) == ["group.g"]
+    assert read_record(group_record_uri(job.output, "g"))["run_id"] == "rerun"
+    assert {read_record(record_uri(job.output, k))["image"]["run_id"] for k in "ab"} == {"rerun"}

@@ -11,11 +11,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from breakscene.config import MAX_GROUP_IMAGES
 from breakscene.errors import SceneError
 from breakscene.scenes.scene import Scene, load_scene, scene_dir_files
 
 LABELS_FILE = "labels.txt"
-MAX_GROUP_IMAGES = 64  # a group larger than this is split or capped by the caller (pipeline: with a warning)
 
 
 @dataclass
