@@ -181,3 +181,31 @@ def test_extract_a_group_writes_one_bundle_that_names_every_source(tmp_path, cap
 
     pipe, _ = load_bundle_pipeline(str(out))
     assert all(t in pipe.tokenizer.get_vocab() for t in info["tokens"])
+
+
+def test_a_group_bundle_loads_in_plain_diffusers_and_gives_its_grid(tmp_path, capsys):
+    """The group's bundle is a bundle like any other: its model card's snippet, run in a
+    process that cannot import the project, draws the grid's cells bit for bit."""
+    import numpy as np
+    from PIL import Image
+
+    from breakscene.extraction.generate import grid_cell
+    from commands.main import main
+    from test_bundle_diffusers import FAST, _pixels, _run_card_snippet
+
+    _two_image_group(tmp_path)
+    out = tmp_path / "bundle"
+    (tmp_path / "fast.yaml").write_text("grid_inference_steps: 3\nprior: {generation_steps: 2}\n")
+    assert main(["extract", "--model", "tiny", "--scene", str(tmp_path / "a"), "--scene", str(tmp_path / "b"),
+                 "--phase2-mode", "lora", "--resolution", "64", "--config", str(tmp_path / "fast.yaml"), *FAST,
+                 "--out", str(out)]) == 0, capsys.readouterr().err
+    assert main(["export-base", "tiny", str(tmp_path / "tiny-diffusers")]) == 0
+    _, work = _run_card_snippet(out, tmp_path)
+    info = json.loads((out / "bundle.json").read_text())
+    seeds = info["sampler"]["seeds"]
+    columns = len(set(seeds))
+    assert len(seeds) == columns * 4  # a row per token (dog, ball, cat) and one with all of them
+    grid = Image.open(out / "grid.png")
+    for i in range(len(seeds)):
+        row, col = divmod(i, columns)
+        assert np.array_equal(_pixels(Image.open(work / f"grid_{i}.png")), _pixels(grid_cell(grid, row, col, 64))), i
