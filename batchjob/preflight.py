@@ -1,5 +1,6 @@
 """Checks every driver makes before any work (the extraction run adds its own in
-``pipeline.tables``): the output folder is ours or empty, and the manifest can be read. Each failure is one error naming the location and
+``pipeline.tables``): the output folder is ours or empty, the manifest can be read, and
+a model folder holds its parts. Each failure is one error naming the location and
 what happened (a file given as output, a read-only folder, no credentials, a timeout),
 not a traceback after the first images."""
 from __future__ import annotations
@@ -13,6 +14,8 @@ from breakscene.files.output_checks import check_plain_prefix
 from breakscene.files.storage import (exists, filesystem, folder_state, join, read_bytes, refuse_foreign,
                                 write_bytes)
 from breakscene.files.strictjson import to_json
+from breakscene.models.folders import check_model as check_model_parts
+from batchjob.settings import ModelConfig
 
 
 # Written into every pipeline or study output when its first run starts: a folder without
@@ -102,3 +105,9 @@ def check_manifest(uri: str) -> None:
         raise BreakSceneError(f"manifest {exc}") from None
     if not found:
         raise BreakSceneError(f"manifest {uri} does not exist")
+
+
+def check_model(model: ModelConfig) -> None:
+    """A model folder or URI holds every part its family's load reads (an SDXL folder its
+    second text encoder): one error now, not a traceback from every extraction actor."""
+    check_model_parts(model.id)

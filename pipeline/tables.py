@@ -32,7 +32,7 @@ from breakscene.files.output_checks import check_plain_prefix, check_writable
 from breakscene.files.storage import (S3_PROTOCOLS, filesystem, io_settings, is_remote, join, s3_settings,
                                       write_bytes)
 
-from batchjob.preflight import check_manifest, check_output_folder
+from batchjob.preflight import check_manifest, check_model, check_output_folder
 from pipeline.config import JobConfig
 
 # 3: masks.mask_uri; 4: images.group, concepts.group and concepts.label (tables of an
@@ -295,3 +295,5 @@ def check_job(job: JobConfig) -> None:
     check_table_writer(job.output)  # delta-rs: its own S3 client, given the same settings
     if job.manifest and not any(c in job.manifest.uri for c in "*?["):  # a glob is listed by manifest.plan
         check_manifest(job.manifest.uri)
+    if job.stop_after == "extract":  # a score-only run never loads the diffusion model
+        check_model(job.model)

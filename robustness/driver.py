@@ -19,7 +19,7 @@ from breakscene.files.storage import join
 from batchjob.artifacts import write_json
 from batchjob.cluster import auto_gpus, init_ray
 from batchjob.lease import Lease
-from batchjob.preflight import check_output_folder, claim_output_folder
+from batchjob.preflight import check_model, check_output_folder, claim_output_folder
 
 from robustness.cells import read_cells, write_measurements
 from robustness.grid import StudyConfig, axis_combos, build_cells
@@ -48,10 +48,13 @@ def calibrate(cfg: StudyConfig) -> float:
     """Seconds per training step of the study's model: three steps of each phase on a
     generated scene, no prior, no grid."""
     from breakscene.extraction.extractor import Extractor
-    from breakscene.scenes.synthetic import generated_extract_scene
+    from breakscene.scenes.scene import build_scene
+    from breakscene.scenes.synthetic import generated_scene, png_bytes
 
     ex = Extractor(cfg.model.id, cfg.model.revision, runtime=cfg.model.runtime, progress=False)
-    scene = generated_extract_scene(0, 128, "calibration")
+    image, masks = generated_scene(0, 128)
+    n = min(len(masks), cfg.extract.max_concepts)  # no more shapes than the study's scenes may have
+    scene = build_scene(png_bytes(image), "calibration", [(f"m{i}", m) for i, m in enumerate(masks[:n])], n)
     probe = cfg.extract.model_copy(update={"phase1_steps": 3, "phase2_steps": 3, "grid_seeds": 0,
                                            "prior": cfg.extract.prior.model_copy(update={"enabled": False})})
     result = ex.extract(scene, probe)
@@ -76,6 +79,7 @@ def measure(cfg: StudyConfig, todo: list[dict], address: str | None) -> list[dic
 def run_study(cfg: StudyConfig, address: str | None = None) -> dict:
     cfg.storage.apply()
     check_output_folder(cfg.output, "study")  # never into a folder of someone else's files
+    check_model(cfg.model)  # a broken model folder: one error, before the scenes are read
     started = time.perf_counter()
     scenes = collect_scenes(cfg.scenes)
     if not scenes:

@@ -105,11 +105,12 @@ class Evaluator:
         out = []
         for k in range(trained.num_concepts):
             ids, _ = trained.assets.encode_subset((k,))
-            states = m.text_encoder(ids)[0]
+            # the backbone's conditioning: SDXL's two encoders, pooled text and size ids
+            states, added = trained.resident.backbone.encode_ids(ids, tuple(latents.shape[-2:]))
             err = torch.zeros(data.latent_size, device=dev)
             for t in cfg.diagnostic_timesteps:
                 ts = torch.tensor([t], device=dev)
-                pred = m.unet(m.scheduler.add_noise(latents, noise, ts), ts, states).sample
+                pred = m.unet(m.scheduler.add_noise(latents, noise, ts), ts, states, added_cond_kwargs=added).sample
                 err += ((pred.float() - diffusion_target(m.scheduler, latents, noise, ts).float()) ** 2).mean(1)[0]
             err /= len(cfg.diagnostic_timesteps)
             rin = float((err * masks[k]).sum() / masks[k].sum().clamp_min(1e-8))

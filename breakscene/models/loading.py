@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +14,8 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from breakscene.config import DEFAULT_MODEL
 from breakscene.errors import DeviceError, ModelLoadError
+from breakscene.models.folders import (SDXL_PARTS, SDXL_PIPELINES, check_parts, folder_family, local_parts,
+                                      looks_like_path)
 from breakscene.models.presets import PRESETS, SDXL_PRESETS, build_preset, build_sdxl_preset, preset_family
 from breakscene.files.storage import atomic_local_dir, describe_error, filesystem, is_remote
 
@@ -130,19 +131,6 @@ class SDXLModels:
         self.pipeline().save_pretrained(str(path))
 
 
-SDXL_PARTS = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
-SDXL_PIPELINES = ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline", "StableDiffusionXLInpaintPipeline")
-
-
-def folder_family(folder: Path) -> str:
-    """"sdxl" when the folder's model_index.json names an SDXL pipeline, else "sd"."""
-    try:
-        index = json.loads((folder / "model_index.json").read_text())
-    except (OSError, ValueError):
-        return "sd"  # no index (a hand-made folder): the SD 1.x/2.x check names what is missing
-    return "sdxl" if isinstance(index, dict) and index.get("_class_name") in SDXL_PIPELINES else "sd"
-
-
 def sdxl_not_supported(model_id: str) -> ModelLoadError:
     return ModelLoadError(f"model {model_id!r} is Stable Diffusion XL: this loader reads Stable Diffusion "
                           f"1.x/2.x models and the presets {', '.join(PRESETS)} (load_any reads both)")
@@ -151,11 +139,7 @@ def sdxl_not_supported(model_id: str) -> ModelLoadError:
 def _load_folder(folder: Path, model_id: str, revision: str | None) -> DiffusionModels:
     if folder_family(folder) == "sdxl":
         raise sdxl_not_supported(model_id)
-    missing = [sub for sub in ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
-               if not (folder / sub).is_dir()]
-    if missing:
-        raise ModelLoadError(f"model folder {model_id!r} is not a diffusers Stable Diffusion folder: "
-                             f"missing {', '.join(missing)}")
+    check_parts(model_id, "sd", local_parts(folder))
     return DiffusionModels(
         unet=UNet2DConditionModel.from_pretrained(folder, subfolder="unet"),
         vae=AutoencoderKL.from_pretrained(folder, subfolder="vae"),
@@ -221,7 +205,7 @@ def load_models(model: str = DEFAULT_MODEL, revision: str | None = None) -> Diff
     local = Path(model.removeprefix("file://")).expanduser()
     if local.is_dir():
         return _load_folder(local, model, revision)
-    if local.suffix or model.startswith((".", "/", "~")) or model.count("/") > 1:
+    if looks_like_path(model):
         raise ModelLoadError(f"model folder {model!r} does not exist")
     return _load_hub(model, revision)
 
@@ -233,7 +217,7 @@ def model_folder(model: str, revision: str | None, hub_files: tuple[str, ...] = 
     local = Path(model.removeprefix("file://")).expanduser()
     if local.is_dir():
         return local
-    if local.suffix or model.startswith((".", "/", "~")) or model.count("/") > 1:
+    if looks_like_path(model):
         raise ModelLoadError(f"model folder {model!r} does not exist")
     return hub_snapshot(model, revision, list(hub_files))
 
@@ -255,6 +239,7 @@ def load_sdxl_models(model: str, revision: str | None = None) -> SDXLModels:
     if folder_family(folder) != "sdxl":
         raise ModelLoadError(f"model {model!r} is not Stable Diffusion XL (its model_index.json names no "
                              f"{' or '.join(SDXL_PIPELINES)})")
+    check_parts(model, "sdxl", local_parts(folder))  # one error, not diffusers' about a missing file
     from diffusers import StableDiffusionXLPipeline
 
     pipe = StableDiffusionXLPipeline.from_pretrained(folder, add_watermarker=False)
