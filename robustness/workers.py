@@ -10,6 +10,7 @@ import json
 import time
 
 import numpy as np
+from pydantic import ValidationError
 import pandas as pd
 
 from breakscene.config import ExtractConfig
@@ -128,7 +129,7 @@ class StudyWorker:
             extract_cfg = ExtractConfig.model_validate({**self.cfg.extract.model_dump(), **json.loads(cell["axis"])})
             bundle = join(self.cfg.output, "bundles", cell["cell_id"])
             result = self.extract(scene, image_bytes, clean, noisy, extract_cfg, bundle)
-        except (BreakSceneError, ValueError) as exc:
+        except (BreakSceneError, ValidationError) as exc:  # bad input skips the cell; a code error stops the study
             return skipped(cell, base, str(exc))
         rows = [{**base, **quality[k], "concept_index": k, "status": "ok", "reason": "", **metrics,
                  "bundle_uri": bundle, "grid_uri": result.grid_uri or "",

@@ -296,3 +296,23 @@ def test_cell_ids_of_finished_studies_survive_new_settings():
     fused = cfg.model_copy(update={"model": cfg.model.model_copy(update={
         "runtime": cfg.model.runtime.model_copy(update={"optimizer": "adamw-fused"})})})
     assert cell_id(fused, "scene-a", "dilate", 0.5, 0, {}) != "e75be582d7f31379"  # a later setting, changed
+
+
+def test_a_code_error_in_a_cell_is_not_reported_as_a_skipped_cell(tmp_path, monkeypatch):
+    """Only bad input (the project's own errors, an invalid cell setting) skips a cell: a
+    ValueError from the code (the SDXL study bug read as "skipped" cells) stops the study."""
+    cfg = StudyConfig(kind="study", output=str(tmp_path), scenes={"generated": 1, "generated_size": 128},
+                      model={"id": "tiny"}, extract={"phase1_steps": 1, "phase2_steps": 1, "grid_seeds": 0,
+                                                     "prior": {"enabled": False}},
+                      evaluation={"generation": False})
+    worker = StudyWorker(cfg.model_dump(mode="json"))
+    cell = next(c for c in build_cells(cfg, collect_scenes(cfg.scenes)) if c["family"] == "clean")
+    invalid = worker.run_cell({**cell, "axis": json.dumps({"phase1_steps": -1})})
+    assert invalid["status"] == "skipped" and "phase1_steps" in invalid["reason"]
+
+    def broken(*args, **kwargs):
+        raise ValueError("captured 154 queries, expected 8x8")
+
+    monkeypatch.setattr(worker, "extract", broken)
+    with pytest.raises(ValueError, match="captured 154 queries"):
+        worker.run_cell(cell)
