@@ -96,12 +96,7 @@ def test_sdxl_job_with_manifest_and_output_on_s3(tmp_path, examples, s3_endpoint
     _check_tables(tables("s3://data/out"), "s3://data/out")
     bundle = json.loads(fs.cat("data/out/bundles/bear/bundle.json"))
     _check_sdxl_bundle(bundle, [fs.cat(f"data/out/bundles/bear/{f}") for f in bundle["files"]["embeddings"]])
-    assert fs.exists("data/out/bundles/bear/grid.png")
-
-    again = run_cli("run", str(job), **CREDS)
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert json.loads(fs.cat("data/out/summary.json"))["counts"]["resumed"] == 1
-    _check_tables(tables("s3://data/out"), "s3://data/out")
+    assert fs.exists("data/out/bundles/bear/grid.png")  # (resuming is the same code as on the local disk, above)
 
 
 def _study_job(tmp_path, model: str) -> dict:
