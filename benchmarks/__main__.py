@@ -29,13 +29,18 @@ def bench_extract(args) -> dict:
     cfg = ExtractConfig(phase1_steps=args.steps, phase2_steps=args.steps, prior=prior,
                         grid_seeds=getattr(args, "grid_seeds", 2), resolution=getattr(args, "resolution", None))
     ex = Extractor(args.model, device=str(device), progress=False)  # "models already loaded"
-    rows = {"machine": machine(), "model": args.model, "scene": scene_name, "steps": [args.steps, args.steps],
-            "prior": prior, "resolution": cfg.resolution or ex.models.native_resolution}
+    rows = {"machine": machine(), "model": args.model, "family": ex.models.family, "scene": scene_name,
+            "steps": [args.steps, args.steps], "prior": prior,
+            "resolution": cfg.resolution or ex.models.native_resolution}
+    if ex.models.family != "sd":  # the authors' script and its flow are Stable Diffusion 1.x/2.x only
+        args.no_baseline = True
+        rows["authors"] = "the authors' flow runs Stable Diffusion 1.x/2.x only: no baseline"
     if not getattr(args, "per_step_only", False):
         rows.update(scene_costs(ex, scene, cfg, args, device))
-    rows["per_step"] = step_costs(ex, scene, cfg, args, rows)
+    if getattr(args, "per_step", True):
+        rows["per_step"] = step_costs(ex, scene, cfg, args, rows)
     for phase in ("phase1", "phase2"):  # the paired per-step ratio beside the whole runs' one
-        ratio = rows["per_step"][phase].get("speedup_vs_authors")
+        ratio = rows.get("per_step", {}).get(phase, {}).get("speedup_vs_authors")
         if ratio is not None:
             rows.setdefault("speedup_vs_authors", {})[f"{phase}_per_step"] = ratio
     if getattr(args, "realistic", False):
@@ -48,9 +53,12 @@ def scene_costs(ex, scene, cfg, args, device) -> dict:
     """Whole scenes: ours per mode, the sample grid two ways, the step-1 parity, the authors' flow."""
     from benchmarks.authors_flow import run_authors_flow, step1_parity
 
-    ex.extract(scene, cfg.model_copy(update={"phase1_steps": 2, "phase2_steps": 2}))  # warm-up + class cache
-    rows: dict = {"ours": {}}
-    for mode in args.modes:
+    skipped = {mode: too_big(ex, cfg.model_copy(update={"phase2_mode": mode}), device) for mode in args.modes}
+    rows: dict = {"ours": {mode: {"skipped": why} for mode, why in skipped.items() if why}}
+    modes = [mode for mode, why in skipped.items() if not why]
+    if modes:  # warm-up + class cache, in a mode that fits
+        ex.extract(scene, cfg.model_copy(update={"phase1_steps": 2, "phase2_steps": 2, "phase2_mode": modes[0]}))
+    for mode in modes:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         with tempfile.TemporaryDirectory() as tmp:
@@ -65,9 +73,10 @@ def scene_costs(ex, scene, cfg, args, device) -> dict:
         if device.type == "cuda":
             row["peak_gpu_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
         rows["ours"][mode] = row
-    if cfg.grid_seeds:
+    if cfg.grid_seeds and modes:
         rows["grid"] = grid_costs(ex, scene.num_concepts, cfg.grid_seeds, cfg)
-    rows["step1_loss"] = step1_parity(ex, scene, cfg)
+    if ex.models.family == "sd":  # the authors' processors are SD's
+        rows["step1_loss"] = step1_parity(ex, scene, cfg)
     if not args.no_baseline:
         with tempfile.TemporaryDirectory() as tmp:
             from breakscene.models.loading import load_models
@@ -83,6 +92,26 @@ def scene_costs(ex, scene, cfg, args, device) -> dict:
             "scene_total": round(authors["total"] / ours["total_without_grid_s"], 2),
         }
     return rows
+
+
+def too_big(ex, cfg, device) -> str | None:
+    """Why a scene of ``cfg`` is not run here (its predicted peak exceeds the GPU's usable
+    memory, or on the CPU most of the free memory beside the loaded weights), or None."""
+    from breakscene.models.memory import GIB, predicted_peak
+
+    need, phase = predicted_peak(ex.models, cfg, cfg.resolution or ex.models.native_resolution, device, ex.runtime)
+    if device.type == "cuda":
+        have = torch.cuda.get_device_properties(device).total_memory * ex.runtime.memory_headroom
+    else:
+        import psutil
+
+        modules = (ex.models.unet, ex.models.vae, *ex.models.text_encoders)
+        # the weights are loaded already; a fifth of the free memory stays for other work
+        have = 0.8 * psutil.virtual_memory().available + sum(p.numel() * p.element_size() for m in modules
+                                                             for p in m.parameters())
+    if need < have:
+        return None
+    return f"not run: {phase} is predicted to need {need / GIB:.1f} GiB, {have / GIB:.1f} GiB here"
 
 
 def step_costs(ex, scene, cfg, args, rows: dict) -> dict:
@@ -250,42 +279,90 @@ def bench_quality(args) -> dict:
         sys.exit(2)
 
 
-def bench_memory(args) -> dict:
-    """Predicted peak per phase and mode (meta-device count), and measured where CUDA is."""
-    from breakscene.config import ExtractConfig
-    from breakscene.models.memory import GIB, predict_step_memory
-    from breakscene.models.loading import DiffusionModels, load_models
-    from breakscene.models.presets import PRESETS, build_preset
+CARDS_GIB = {"24gb": 24, "16gb": 16}  # the cards the memory rows are judged against
+FITS_RULE = ("fits_<card>: the predicted peak of both phases is at most runtime.memory_headroom (0.9) of the "
+             "card's memory, the rule of the memory check and of gradient_checkpointing auto")
 
-    if args.model in PRESETS:  # shapes are all a prediction needs: no weights to initialise
-        with torch.device("meta"):
-            models = DiffusionModels(*build_preset(args.model), args.model, None)
-    else:
-        models = load_models(args.model)
-    out: dict = {"machine": machine(), "model": args.model, "predicted_gib": {}}
+
+def bench_memory(args) -> dict:
+    """Predicted peaks (meta-device count) of every lever combination per model, whether a
+    run fits 24 and 16 GB cards, and the measured peak where CUDA is."""
+    import importlib.util
+
+    out: dict = {"machine": machine(), "fits_rule": FITS_RULE,
+                 "adamw_8bit": "bitsandbytes installed" if importlib.util.find_spec("bitsandbytes") else
+                 "bitsandbytes not installed here: its rows are predicted from its state layout (1 byte per "
+                 "moment, an fp32 scale per 256 values, fp32 moments under 4096 values)"}
     cuda = torch.cuda.is_available()
-    for mode in ("full", "lora"):
-        cfg = ExtractConfig(phase2_mode=mode)
-        for phase in ("phase1", "phase2"):
-            for ckpt in (False, True):
-                est = predict_step_memory(models, cfg, models.native_resolution, phase, ckpt)
-                out["predicted_gib"][f"{mode}.{phase}.checkpointing_{'on' if ckpt else 'off'}"] = est.gib()
+    for model in args.model:
+        out[model] = memory_rows(model, args.resolution)
+        if cuda:
+            out[model]["measured_peak_gib"] = measured_peaks(model, out[model])
     if not cuda:
         out["measured"] = "needs a GPU: the peak is measured by `extract` on a CUDA machine"
-        return out
-    from breakscene.config import RuntimeConfig
+    return out
+
+
+def memory_models(model: str):
+    from breakscene.models.loading import load_any
+    from breakscene.models.memory import meta_models
+
+    return meta_models(model) or load_any(model)  # shapes are all a prediction needs: no weights for presets
+
+
+def memory_rows(model: str, resolution: int | None) -> dict:
+    """One row per phase-2 mode, checkpointing and optimizer: phase 2's parts, both phases'
+    peak and the cards it fits; the lever sets that fit each card."""
+    from breakscene.config import ExtractConfig, RuntimeConfig
+    from breakscene.models.memory import GIB, predict_step_memory
+
+    models = memory_models(model)
+    res = resolution or models.native_resolution
+    levers = [(ckpt, opt) for ckpt in (False, True) for opt in ("adamw", "adamw-8bit")]
+    phase1 = {(ckpt, opt): predict_step_memory(models, ExtractConfig(), res, "phase1", ckpt, optimizer=opt)
+              for ckpt, opt in levers}
+    headroom = RuntimeConfig().memory_headroom
+    vae = sum(p.numel() * p.element_size() for p in models.vae.parameters())
+    out: dict = {"resolution": res, "predicted_gib": {}, "fits_with": {card: [] for card in CARDS_GIB}}
+    for mode in ("full", "lora"):
+        for ckpt, opt in levers:
+            est = predict_step_memory(models, ExtractConfig(phase2_mode=mode), res, "phase2", ckpt, optimizer=opt)
+            key = f"{mode}.checkpointing_{'on' if ckpt else 'off'}.{opt}"
+            peak = max(est.total, phase1[ckpt, opt].total)
+            row = {**est.gib(), "phase1_total": round(phase1[ckpt, opt].total / GIB, 3), "peak": round(peak / GIB, 3)}
+            if mode == "lora":  # frozen UNet and encoder weights kept in bf16: no fp32 copy, no autocast copy
+                row["what_if_frozen_weights_bf16"] = round(max(
+                    e.total - (e.weights - e.gradients - vae) for e in (est, phase1[ckpt, opt])) / GIB, 3)
+            for card, gib in CARDS_GIB.items():
+                row[f"fits_{card}"] = peak <= headroom * gib * GIB
+                if row[f"fits_{card}"]:
+                    out["fits_with"][card].append(key)
+            out["predicted_gib"][key] = row
+    return out
+
+
+def measured_peaks(model: str, rows: dict) -> dict:
+    """The measured peak of a short extraction for each mode and checkpointing (fp32 AdamW)
+    whose prediction fits this GPU; the others are said not to fit."""
+    from breakscene.config import ExtractConfig, RuntimeConfig
     from breakscene.extraction.extractor import Extractor
+    from breakscene.models.memory import GIB
 
     scene, _ = example_scene()
-    out["device_total_gib"] = round(torch.cuda.get_device_properties(0).total_memory / GIB, 2)
-    out["measured_peak_gib"] = {}
+    total = torch.cuda.get_device_properties(0).total_memory
+    out: dict = {"device_total_gib": round(total / GIB, 2)}
     for ckpt in ("off", "on"):
-        ex = Extractor(args.model, progress=False, runtime=RuntimeConfig(gradient_checkpointing=ckpt))
-        for mode in ("full", "lora"):
+        wanted = [m for m in ("full", "lora") if rows["predicted_gib"][f"{m}.checkpointing_{ckpt}.adamw"]["peak"]
+                  * GIB < total]
+        out.update({f"{m}.checkpointing_{ckpt}": "predicted not to fit this GPU: not run"
+                    for m in ("full", "lora") if m not in wanted})
+        if not wanted:
+            continue
+        ex = Extractor(model, progress=False, runtime=RuntimeConfig(gradient_checkpointing=ckpt))
+        for mode in wanted:
             cfg = ExtractConfig(phase1_steps=3, phase2_steps=3, phase2_mode=mode, grid_seeds=0,
-                                prior={"num_class_images": 2, "generation_steps": 2})
-            result = ex.extract(scene, cfg)
-            out["measured_peak_gib"][f"{mode}.checkpointing_{ckpt}"] = result.runtime["peak_gpu_gib"]
+                                resolution=rows["resolution"], prior={"num_class_images": 2, "generation_steps": 2})
+            out[f"{mode}.checkpointing_{ckpt}"] = ex.extract(scene, cfg).runtime["peak_gpu_gib"]
         del ex
         torch.cuda.empty_cache()
     return out
@@ -317,6 +394,8 @@ def add_extract_parser(sub) -> None:
     ex.add_argument("--rounds", type=int, default=8, help="per-step rows: rounds of one block of each kind")
     ex.add_argument("--block", type=int, default=12, help="per-step rows: steps per block")
     ex.add_argument("--per-step-only", action="store_true", help="only the per-step rows, no whole scenes")
+    ex.add_argument("--per-step", action=argparse.BooleanOptionalAction, default=True,
+                    help="the per-step rows (blocks of steps of each kind, phase 2 in full mode)")
     ex.add_argument("--realistic", action=argparse.BooleanOptionalAction, default=torch.cuda.is_available(),
                     help="also the per-step rows at sd21-base-random shapes (default: on with a GPU)")
     ex.add_argument("--realistic-resolution", type=int, default=256)
@@ -343,8 +422,9 @@ def main(argv=None) -> int:
     lv.add_argument("--steps", type=int, default=10, help="timed steps per phase, variant and round")
     lv.add_argument("--rounds", type=int, default=3, help="paired rounds; medians are reported")
     lv.add_argument("--compile", action="store_true", help="also torch.compile (minutes of compile time on a CPU)")
-    mem = sub.add_parser("memory", help="predicted (and on CUDA measured) peak memory per phase")
-    mem.add_argument("--model", default="sd21-base-random")
+    mem = sub.add_parser("memory", help="predicted (and on CUDA measured) peak memory per phase and lever")
+    mem.add_argument("--model", nargs="+", default=["sd21-base-random", "sdxl-base-random"])
+    mem.add_argument("--resolution", type=int, help="pixels a side (default: each model's native size)")
     qu = sub.add_parser("quality", help="mask quality score vs true IoU, leave-one-scene-out (CPU)")
     qu.add_argument("--scenes", default=str(EXAMPLES), help="folder of <scene>/img.jpg + mask<i>.png")
     qu.add_argument("--families", nargs="+", default=None, help="noise families (default: all)")

@@ -111,8 +111,9 @@ class StepBench:
         finally:
             for p in self.ex.models.unet.parameters():  # the script's zeroed gradients stay with it
                 p.grad = None
-            for p in self.ex.models.text_encoder.parameters():
-                p.grad = None
+            for encoder in self.ex.models.text_encoders:  # both of SDXL's
+                for p in encoder.parameters():
+                    p.grad = None
 
 
 def phase_row(bench: StepBench, phase: str, rounds: int, block: int) -> dict:
@@ -147,7 +148,8 @@ def per_step_costs(ex: Extractor, scene: Scene, cfg: ExtractConfig, *, rounds: i
     out: dict = {"block_steps": block, "rounds": rounds,
                  "measure": "ms: fastest block; ratios: median over rounds of blocks run side by side"}
     ex.models.unet.train()
-    ex.models.text_encoder.train()
+    for encoder in ex.models.text_encoders:
+        encoder.train()
     try:
         with tempfile.TemporaryDirectory() as tmp:
             bench = StepBench(ex, scene, cfg, Path(tmp), authors)
@@ -156,6 +158,7 @@ def per_step_costs(ex: Extractor, scene: Scene, cfg: ExtractConfig, *, rounds: i
                 out[phase] = {"skipped": skip} if skip else phase_row(bench, phase, rounds, block)
     finally:
         ex.models.unet.eval()
-        ex.models.text_encoder.eval()
+        for encoder in ex.models.text_encoders:
+            encoder.eval()
         ex.reset()
     return out

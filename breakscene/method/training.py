@@ -11,6 +11,7 @@ bit the same numbers.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -22,7 +23,7 @@ from tqdm.auto import tqdm
 
 from breakscene.method.attention import AttentionStore, token_maps
 from breakscene.config import ExtractConfig
-from breakscene.errors import NonFiniteLossError
+from breakscene.errors import BreakSceneError, NonFiniteLossError
 from breakscene.method.losses import attention_loss, masked_mse
 
 if TYPE_CHECKING:
@@ -59,9 +60,13 @@ class LossTerms:
 
 LOSS_NAMES = ("total", "diffusion", "attention", "prior")
 READBACK_EVERY = 50  # steps between host reads of the losses: the finite check and the progress bar
-OPTIMIZERS = ("auto", "fused", "foreach", "for-loop", "torch")
+OPTIMIZERS = ("auto", "fused", "foreach", "for-loop", "torch", "8bit")
 # RuntimeConfig.optimizer -> make_optimizer's kind
-RUNTIME_OPTIMIZERS = {"adamw": "auto", "adamw-fused": "fused"}
+RUNTIME_OPTIMIZERS = {"adamw": "auto", "adamw-fused": "fused", "adamw-8bit": "8bit"}
+# bitsandbytes' 8-bit AdamW: one byte per moment and value, an fp32 scale per block of a
+# moment; tensors under the minimum size keep fp32 moments (models/memory.py counts both)
+ADAMW_8BIT_MIN_SIZE = 4096
+ADAMW_8BIT_BLOCK = 256
 
 
 def diffusion_target(scheduler, latents, noise, timesteps) -> torch.Tensor:
@@ -231,17 +236,42 @@ class FlatAdamW(torch.optim.AdamW):
             p.data = p.data.clone()  # preserves the strides of a dense tensor
 
 
+def optimizer_problem(optimizer: str, device: torch.device) -> str | None:
+    """Why ``device`` cannot run the ``RuntimeConfig.optimizer`` named ``optimizer``, or None."""
+    if optimizer != "adamw-8bit":
+        return None
+    if device.type != "cuda":
+        return f"runtime.optimizer adamw-8bit needs a CUDA device (this run's device is {device.type})"
+    if importlib.util.find_spec("bitsandbytes") is None:
+        return ("runtime.optimizer adamw-8bit needs bitsandbytes, which is not installed: "
+                "pip install 'breakscene[adamw-8bit]'")
+    return None
+
+
+def adamw_8bit(groups: list[dict], options: dict, device: torch.device) -> torch.optim.Optimizer:
+    """bitsandbytes' 8-bit AdamW (its moments in 8 bits, blockwise scaled): CUDA only."""
+    problem = optimizer_problem("adamw-8bit", device)
+    if problem:
+        raise BreakSceneError(problem)
+    import bitsandbytes
+
+    return bitsandbytes.optim.AdamW8bit(groups, min_8bit_size=ADAMW_8BIT_MIN_SIZE, **options)
+
+
 def make_optimizer(setup: PhaseSetup, cfg: ExtractConfig, device: torch.device,
-                   kind: str = "auto") -> torch.optim.AdamW:
+                   kind: str = "auto") -> torch.optim.Optimizer:
     """AdamW over ``setup``'s parameter groups. ``kind``: "auto" is one fused kernel on CUDA
     and, on the CPU, the multi-tensor ("foreach") form over flat groups (``FlatAdamW``, where
     they fit), bit for bit torch's default one-tensor-at-a-time loop; "fused" (on the CPU it
     rounds differently, ~1e-7 per step), "foreach", "for-loop" as named; "torch" is torch's
-    own default (what a training script gets). A FlatAdamW must be ``release``d after use."""
+    own default (what a training script gets); "8bit" is bitsandbytes' 8-bit AdamW (CUDA
+    only, ``adamw_8bit``). A FlatAdamW must be ``release``d after use."""
     if kind not in OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, not {kind!r}")
     groups = [dict(g) for g in setup.groups]  # AdamW writes its settings into each group it is given
     options = {"betas": cfg.optimizer.betas, "weight_decay": cfg.optimizer.weight_decay, "eps": cfg.optimizer.eps}
+    if kind == "8bit":
+        return adamw_8bit(groups, options, device)
     if kind == "auto" and device.type == "cuda":
         kind = "fused"
     elif kind == "auto":

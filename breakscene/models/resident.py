@@ -77,11 +77,10 @@ class ResidentModels:
         mode = self.runtime.gradient_checkpointing
         if mode != "auto" or self.device.type != "cuda":
             return mode == "on"
-        if self.models.family != "sd":  # the prediction runs SD 1.x/2.x steps only (issue 19)
-            return False
         key = (phase, resolution, cfg.model_dump_json())  # every setting the prediction may read
         if key not in self._checkpointing_cache:
-            need = predict_step_memory(self.models, cfg, resolution, phase, checkpointing=False).total
+            need = predict_step_memory(self.models, cfg, resolution, phase, checkpointing=False,
+                                       optimizer=self.runtime.optimizer).total
             have = torch.cuda.get_device_properties(self.device).total_memory * self.runtime.memory_headroom
             self._checkpointing_cache[key] = need > have
             if need > have:
