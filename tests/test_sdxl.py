@@ -404,3 +404,50 @@ def test_sdxl_masks_latents_and_maps_line_up_off_the_native_size(sdxl_extractor,
         assert {v.shape[1] for v in ex.store.maps.values()} == {144}
     finally:
         ex.reset()
+
+
+def test_sdxl_attention_loss_on_planted_maps_equals_a_hand_computation(monkeypatch):
+    """The real SDXL training step (both encoders, pooled embedding and time ids, a non-square
+    latent) with the captured cross-attention planted at the capture point: the attention loss
+    equals the paper's formula computed by hand in numpy."""
+    import numpy as np
+    from diffusers import DDPMScheduler
+
+    from breakscene.config import ExtractConfig
+    from breakscene.method import attention
+    from breakscene.method.training import Batch, training_step
+    from breakscene.models.backbones import sdxl_backbone
+
+    models = load_sdxl_models("sdxl-tiny")
+    backbone = sdxl_backbone(models)
+    store = attention.AttentionStore()
+    names = attention.install_capture(models.unet, store, 4)
+    h, w = 4, 6  # a 16x24 latent read at latent/4
+    rng = np.random.default_rng(0)
+    planted = rng.random((77, h * w)).astype(np.float32)  # token -> its map over the 4x6 queries
+    seen = []
+
+    def keep(self, probs):
+        assert probs.shape[2:] == (h * w, 77)  # queries of this latent, the 77 keys of both encoders side by side
+        seen.append(self.name)
+        self.store.maps[self.name] = torch.from_numpy(planted.T).expand(probs.shape[0], -1, -1)
+
+    monkeypatch.setattr(attention.CaptureAttnProcessor, "keep", keep)
+    ids = backbone.ids(["a photo of <x> and <y>", "a photo of <x>"])
+    positions = [torch.tensor([4, 6]), torch.tensor([4])]
+    masks = [torch.from_numpy(rng.random((2, h, w)) > 0.5).float(), torch.from_numpy(rng.random((1, h, w)) > 0.5).float()]
+    g = torch.Generator().manual_seed(0)
+    batch = Batch(latents=torch.randn(2, 4, 16, 24, generator=g), input_ids=ids, token_positions=positions,
+                  attn_masks=masks, union_mask=torch.ones(2, 1, 16, 24), noise=torch.randn(2, 4, 16, 24, generator=g),
+                  timesteps=torch.tensor([100, 700]))
+    cfg = ExtractConfig(lambda_attn=1.0, prior={"enabled": False})
+    with torch.no_grad():
+        terms = training_step(models.unet, None, DDPMScheduler.from_config(models.scheduler.config), store, batch, cfg,
+                              backbone=backbone)
+    assert sorted(set(seen)) == sorted(names) and len(names) == 6
+    per_example = []
+    for pos, mask in zip(positions, masks):
+        maps = planted[pos.numpy()].reshape(len(pos), h, w)
+        normalised = maps / (maps.max(axis=(1, 2), keepdims=True) + cfg.attn_max_eps)
+        per_example.append(((normalised - mask.numpy()) ** 2).mean(axis=(1, 2)).sum())
+    assert terms.attention.item() == pytest.approx(np.mean(per_example), rel=1e-5)
