@@ -40,7 +40,7 @@ from breakscene.scenes.scene import build_scene
 from batchjob.artifacts import write_json, write_output
 from batchjob.keys import storage_key
 from pipeline.config import ExtractSettings
-from pipeline.records import Status, clear_partial_folder, read_record, record_uri
+from pipeline.records import Status, clear_partial_folder, read_record, record_uri, uri_id
 from pipeline.row import FEATURES, MASK, batch_like, new_row, rows_of
 from pipeline.stages import Extract, concept_rows, fail_row, read_image
 
@@ -53,6 +53,24 @@ def group_bundle_uri(out: str, group: str) -> str:
 
 def group_record_uri(out: str, group: str) -> str:
     return join(out, "records", f"{GROUP_PREFIX}{storage_key(group)}.json")
+
+
+def cap_group(batch: pa.Table, max_images: int) -> pa.Table:
+    """One group's manifest rows, before any fetch (``map_groups`` over rows without pixels):
+    past ``max_images`` the rows are skipped here, so that a runaway group (a category put in
+    the ``group`` column) never gathers its pictures on one actor. Kept: the smallest image
+    ids (the image URI where a row has none), the same rows every night."""
+    rows = rows_of(batch)
+    if len(rows) <= max_images:
+        return batch
+    rows.sort(key=lambda r: (r["image_id"] or r["image_uri"], r["manifest_label"]))
+    for row in rows[max_images:]:
+        if row["status"] == Status.OK:
+            row["status"], row["image_id"] = Status.SKIPPED, row["image_id"] or uri_id(row["image_uri"])
+            row["error"] = (f"extract: group {row['group']!r} has {len(rows)} images, more than "
+                            f"groups.max_images={max_images}: the {max_images} with the smallest image ids "
+                            "(image URIs where no id is given) are learned")
+    return batch_like(rows, batch)
 
 
 class ExtractGroup:

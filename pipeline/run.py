@@ -45,7 +45,7 @@ from batchjob.cluster import fit_plan, stage_plan
 from pipeline.staging import SUMMARY_SCHEMA, Tally, finish_scored, skip_done, stage_tables
 from pipeline.stages import ContentClaims, Extract, Segment, load_images, score_and_select
 from pipeline.config import ExtractSettings, SegmentSettings, SelectSettings
-from pipeline.groups import ExtractGroup
+from pipeline.groups import ExtractGroup, cap_group
 from pipeline.records import Status
 
 log = logging.getLogger(__name__)
@@ -222,6 +222,9 @@ def _passes(todo, n_todo: int, job: JobConfig):
     kwargs = {"batch_format": "pyarrow", "num_cpus": 0.25}
     grouped = todo.map_batches(rows_in_groups, fn_kwargs={"grouped": True}, **kwargs)
     n_grouped = grouped.count()
+    if n_grouped:  # large groups capped while their rows are small (no pixels fetched yet)
+        grouped = grouped.groupby("group").map_groups(cap_group, fn_kwargs={"max_images": job.groups.max_images},
+                                                      **kwargs).materialize()
     if n_grouped < n_todo:
         yield (todo.map_batches(rows_in_groups, fn_kwargs={"grouped": False}, **kwargs) if n_grouped else todo), False
     if n_grouped:

@@ -39,6 +39,18 @@ def test_group_values_are_read_as_ids_are():
     assert row["group"] == "7" and row["labels"] == ["dog", "ball"]  # Parquet's 7 is the group "7"
 
 
+def test_a_runaway_group_is_capped_before_any_picture_is_fetched():
+    from pipeline.groups import cap_group
+
+    rows = [new_row(image_uri=f"s3://b/{n}.jpg", image_id=i, manifest_row=n, group="products",
+                    mask_uris=["m.png"], labels=["x"]) for n, i in enumerate(["c", None, "a", "b"])]
+    out = {r["image_uri"]: r for r in cap_group(to_batch(rows), max_images=2).to_pylist()}
+    assert [out[f"s3://b/{n}.jpg"]["status"] for n in range(4)] == ["skipped", "skipped", "ok", "ok"]
+    assert "group 'products' has 4 images, more than groups.max_images=2" in out["s3://b/0.jpg"]["error"]
+    assert out["s3://b/1.jpg"]["image_id"].startswith("uri-")  # an id-less row skipped here gets the URI's id
+    assert cap_group(to_batch(rows), max_images=4).to_pylist() == to_batch(rows).to_pylist()
+
+
 # --- the group extract stage ------------------------------------------------------------
 
 SHAPES = {"red": (200, 40, 40), "green": (40, 200, 40)}

@@ -92,13 +92,17 @@ def test_a_group_manifest_on_the_s3_server(tmp_path, examples, s3_endpoint):  # 
         for f in ("img.png", "mask0.png", "mask1.png"):
             fs.put_file(str(local / name / f), f"data/in/{name}/{f}")
     fs.pipe("data/in/manifest.jsonl", text.encode())
-    job = write_job(tmp_path / "s3.yaml", "s3://data/in/manifest.jsonl", "s3://data/out", storage={"options": storage})
+    # a cap of one image: b is skipped before its picture is fetched, a is learned alone
+    job = write_job(tmp_path / "s3.yaml", "s3://data/in/manifest.jsonl", "s3://data/out", storage={"options": storage},
+                    groups={"max_images": 1})
     proc = run_cli("run", str(job), **CREDS)
     assert proc.returncode == 0, proc.stderr[-3000:]
     configure(storage)
     t = tables("s3://data/out")
     assert sorted((r["image_id"], r["status"], r["group"]) for r in t["images"]) == [
-        ("a", "ok", "shapes"), ("b", "ok", "shapes"), ("bear", "ok", None)]
+        ("a", "ok", "shapes"), ("b", "skipped", "shapes"), ("bear", "ok", None)]
+    (b,) = [r for r in t["images"] if r["image_id"] == "b"]
+    assert "more than groups.max_images=1" in b["error"] and b["seconds_load"] is None
     assert {c["bundle_uri"] for c in t["concepts"] if c["group"]} == {"s3://data/out/bundles/group.shapes"}
     assert fs.exists("data/out/bundles/group.shapes/bundle.json") and fs.exists("data/out/records/group.shapes.json")
     assert not fs.exists("data/out/bundles/group.shapes/.breakscene-partial")
