@@ -96,10 +96,15 @@ def test_levers_benchmark_flips_each_lever_alone():
 def test_memory_benchmark_predicts_every_phase_and_mode():
     from benchmarks.__main__ import bench_memory
 
-    result = bench_memory(argparse.Namespace(model="tiny"))
-    assert len(result["predicted_gib"]) == 8
-    full = result["predicted_gib"]["full.phase2.checkpointing_off"]
-    assert full["optimizer"] == pytest.approx(2 * full["gradients"], abs=2e-3)
+    result = bench_memory(argparse.Namespace(model=["tiny", "sdxl-tiny"], resolution=None))
+    for model in ("tiny", "sdxl-tiny"):
+        rows = result[model]["predicted_gib"]
+        assert len(rows) == 8  # full / lora x checkpointing x AdamW / 8-bit AdamW
+        full = rows["full.checkpointing_off.adamw"]
+        assert full["optimizer"] == pytest.approx(2 * full["gradients"], abs=2e-3)  # two fp32 moments
+        assert rows["full.checkpointing_off.adamw-8bit"]["optimizer"] < full["optimizer"]
+        assert rows["full.checkpointing_on.adamw"]["peak"] <= full["peak"]
+        assert result[model]["fits_with"]["24gb"] == list(rows)  # a tiny model fits every card
     assert "needs a GPU" in result["measured"]
 
 
