@@ -94,6 +94,7 @@ class PhaseSetup:
 
 class FullMode:
     name = "full"
+    lighter = "lora"  # the mode a step that does not fit is pointed to (models/memory.py)
 
     def setup(self, cfg: ExtractConfig, unet, text_encoder, keep_rows: Callable[[], None]) -> PhaseSetup:
         params = list(unet.parameters()) + [p for e in as_tuple(text_encoder) for p in e.parameters()]
@@ -123,6 +124,7 @@ class FullMode:
 
 class LoraMode:
     name = "lora"
+    lighter = None
 
     def setup(self, cfg: ExtractConfig, unet, text_encoder, keep_rows: Callable[[], None]) -> PhaseSetup:
         rows = embedding_weights(text_encoder)

@@ -29,7 +29,7 @@ from diffusers import DDPMScheduler
 from breakscene.config import ExtractConfig, RuntimeConfig
 from breakscene.errors import BreakSceneError
 from breakscene.method.attention import AttentionStore, install_capture
-from breakscene.method.phases import ENCODER_FOLDERS, phase_setup, set_checkpointing
+from breakscene.method.phases import ENCODER_FOLDERS, phase2_mode, phase_setup, set_checkpointing
 from breakscene.method.training import (
     ADAMW_8BIT_BLOCK,
     ADAMW_8BIT_MIN_SIZE,
@@ -300,8 +300,9 @@ def levers(phase: str, cfg: ExtractConfig, device: torch.device, runtime: Runtim
     """The settings that lower a step's peak and are not in use yet, as one phrase."""
     cuda = device.type == "cuda"
     found = ["lower --resolution or --batch-size"]
-    if phase == "phase2" and cfg.phase2_mode == "full":
-        found.append("--phase2-mode lora")
+    lighter = phase2_mode(cfg).lighter
+    if phase == "phase2" and lighter:
+        found.append(f"--phase2-mode {lighter}")
     if runtime.gradient_checkpointing == "off" or (not cuda and runtime.gradient_checkpointing == "auto"):
         found.append("--gradient-checkpointing on")
     if cuda and runtime.optimizer != "adamw-8bit":
