@@ -87,6 +87,7 @@ def _history_tables(h: int, start: int = 0) -> dict[str, pa.Table]:
         "seconds_load": [0.01] * n, "seconds_segment": [0.02] * n, "seconds_score": [0.01] * n,
         "seconds_extract": [30.0] * n, "bundle_uri": [f"out/bundles/{i}" for i in ids], "run_id": ["history"] * n,
         "manifest_file": ["manifest.parquet"] * n, "meta": ['{"caption": "a photo"}'] * n,
+        "group": pa.nulls(n, pa.string()),
     }).cast(IMAGES_SCHEMA)
     two = [i for i in ids for _ in range(2)]
     idx = [0, 1] * n

@@ -69,6 +69,7 @@ def test_sdxl_full_trains_the_unet_and_both_encoders(base, full_1024):
     assert plain.weights == 4 * (trainable + 83_653_863)
     assert plain.weight_casts == 2 * trainable  # autocast's bf16 copy of each trained weight
     assert plain.activations > 0 and plain.total > 50 * GIB
+    assert (ckpt.gradients, ckpt.optimizer) == (plain.gradients, plain.optimizer)  # checkpointing: activations only
 
 
 def test_sdxl_prediction_is_ordered(full_1024, lora_1024):
