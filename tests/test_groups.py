@@ -209,22 +209,3 @@ def test_a_group_bundle_loads_in_plain_diffusers_and_gives_its_grid(tmp_path, ca
     for i in range(len(seeds)):
         row, col = divmod(i, columns)
         assert np.array_equal(_pixels(Image.open(work / f"grid_{i}.png")), _pixels(grid_cell(grid, row, col, 64))), i
-
-
-@pytest.mark.e2e
-def test_a_group_on_sdxl_is_one_bundle_with_both_encoders_rows_per_label(tmp_path, capsys):
-    from safetensors.torch import load_file
-
-    from commands.main import main
-
-    _two_image_group(tmp_path)
-    out = tmp_path / "bundle"
-    assert main(["extract", "--model", "sdxl-tiny", "--scene", str(tmp_path / "a"), "--scene", str(tmp_path / "b"),
-                 "--smoke", "--resolution", "64", "--phase2-mode", "lora", "--out", str(out)]) == 0, \
-        capsys.readouterr().err
-    info = json.loads((out / "bundle.json").read_text())
-    assert info["model"]["family"] == "sdxl" and [c["label"] for c in info["concepts"]] == ["dog", "ball", "cat"]
-    assert [im["labels"] for im in info["group"]["images"]] == [["dog", "ball"], ["cat", "dog"]]
-    for name in info["files"]["embeddings"]:
-        rows = load_file(str(out / name))
-        assert set(rows) == {"clip_l", "clip_g"} and all(torch.isfinite(r).all() for r in rows.values())

@@ -158,7 +158,7 @@ ExtractGroup(ExtractSettings.from_job(job), run_id="killed")(t._rows(tmp, job, "
 
 
 @pytest.mark.e2e
-# (a bundle killed half-written is the single image's case: tests/test_faults_e2e.py)
+# (a bundle killed half-written is the single image's case: tests/test_interrupts.py)
 @pytest.mark.parametrize("point", ["group-bundle-written", "group-images-recorded"])
 def test_a_group_killed_at_each_boundary_is_learned_once_by_the_rerun(tmp_path, point):
     import os

@@ -1,5 +1,6 @@
 """SDXL (issue 19) through the batch products: a pipeline job with ``model.id: sdxl-tiny``
-on the embedded Ray (local disk, then an S3 server on 127.0.0.1), the robustness study on
+on the embedded Ray (on the S3 server on 127.0.0.1: tests/test_pipeline_groups_e2e.py, a
+group and an image alone on SDXL), the robustness study on
 sdxl-tiny, and a broken SDXL folder refused with one error line before any work."""
 import json
 import shutil
@@ -74,29 +75,6 @@ def s3_endpoint(monkeypatch):
         monkeypatch.setenv(k, v)
     with moto_server_process(free_port()) as endpoint:  # its own process: delta-rs reads the tables here
         yield endpoint
-
-
-def test_sdxl_job_with_manifest_and_output_on_s3(tmp_path, examples, s3_endpoint):
-    import s3fs
-
-    from breakscene.files.storage import configure
-
-    storage = {"s3": {"key": "testing", "secret": "testing", "client_kwargs": {"endpoint_url": s3_endpoint}}}
-    fs = s3fs.S3FileSystem(**storage["s3"], skip_instance_cache=True)
-    fs.mkdir("data")
-    for f in ["img.jpg", "mask0.png", "mask1.png"]:
-        fs.put_file(str(examples / "bear" / f), f"data/in/bear/{f}")
-    fs.pipe("data/in/manifest.jsonl", _manifest(examples, "s3://data/in").encode())
-    job = write_job(tmp_path / "s3.yaml", "s3://data/in/manifest.jsonl", "s3://data/out", model={"id": "sdxl-tiny"},
-                    extract=SDXL_EXTRACT, storage={"options": storage})
-    proc = run_cli("run", str(job), **CREDS)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-
-    configure(storage)
-    _check_tables(tables("s3://data/out"), "s3://data/out")
-    bundle = json.loads(fs.cat("data/out/bundles/bear/bundle.json"))
-    _check_sdxl_bundle(bundle, [fs.cat(f"data/out/bundles/bear/{f}") for f in bundle["files"]["embeddings"]])
-    assert fs.exists("data/out/bundles/bear/grid.png")  # (resuming is the same code as on the local disk, above)
 
 
 def _study_job(tmp_path, model: str) -> dict:
